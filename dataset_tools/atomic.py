@@ -1,0 +1,205 @@
+"""RecBole atomic files (``.inter``, ``.item``) and text features for an existing atomic dataset.
+
+RecBole 1.2.1 reads atomic files with ``pandas.read_csv(sep="\\t", engine="python")`` and the
+default quote character, splits ``token_seq`` fields on spaces and keeps ``token`` fields whole.
+So values are written with tabs and newlines turned into spaces and CSV-quoted only when they
+contain a double quote; list fields become ``token_seq`` with spaces inside an entry turned into
+"_" (so "Skin Care" stays one token).
+"""
+import csv
+import io
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+from recbole_fmrl import atomic_io
+from recbole_fmrl.data import features
+
+from dataset_tools import text as text_mod
+
+log = logging.getLogger(__name__)
+
+INTER_HEADER = ["user_id:token", "item_id:token", "timestamp:float"]
+
+# RecBole type of each known text field in the .item file.
+FIELD_TYPES = {
+    "title": "token_seq",
+    "price": "float",
+    "brand": "token",
+    "categories": "token_seq",
+    "year": "token",
+    "genres": "token_seq",
+    "overview": "token_seq",
+    "description": "token_seq",
+}
+
+
+def _clean_cell(value: str) -> str:
+    return " ".join(str(value).split())
+
+
+def _cell(value, ftype: str) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple)):
+        # One token per entry: inner spaces would split "Skin Care" into two tokens.
+        return " ".join(_clean_cell(v).replace(" ", "_") for v in value if _clean_cell(v))
+    text = _clean_cell(value)
+    if ftype == "float":
+        try:
+            return repr(float(text))
+        except ValueError:
+            return ""
+    return text
+
+
+def _tsv(rows: Sequence[Sequence[str]]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, delimiter="\t", quotechar='"', quoting=csv.QUOTE_MINIMAL,
+                        lineterminator="\n")
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def inter_text(users: Sequence[str], items: Sequence[str], times: Sequence[float]) -> str:
+    lines = ["\t".join(INTER_HEADER)]
+    lines.extend(f"{u}\t{i}\t{t!r}" for u, i, t in zip(users, items, times))
+    return "\n".join(lines) + "\n"
+
+
+def item_text_file(tokens: Sequence[str], fields_of: Dict[str, dict], field_names: List[str]) -> str:
+    header = ["item_id:token"] + [f"{f}:{FIELD_TYPES.get(f, 'token_seq')}" for f in field_names]
+    rows = [header]
+    for tok in tokens:
+        values = fields_of[tok]
+        rows.append([tok] + [_cell(values.get(f), FIELD_TYPES.get(f, "token_seq")) for f in field_names])
+    return _tsv(rows)
+
+
+def write_if_changed(path: Path, content: str) -> bool:
+    """Atomically write ``content`` unless the file already holds exactly that; True if written."""
+    if path.is_file():
+        try:
+            if path.read_text(encoding="utf-8") == content:
+                return False
+        except UnicodeDecodeError:
+            pass
+    atomic_io.write_text(path, content)
+    return True
+
+
+# ------------------------------------------------------------------ existing atomic datasets
+
+class AtomicFileError(ValueError):
+    """An atomic file cannot be read; the message names file and line."""
+
+
+@dataclass
+class AtomicItems:
+    path: Path  # the .item file read
+    tokens: List[str]  # item_id tokens, file order
+    fields: Dict[str, List[str]]  # field name (without type) -> raw cell per row
+    types: Dict[str, str]  # field name -> RecBole type
+
+
+def read_item_file(path, encoding: str = "utf-8") -> AtomicItems:
+    """Read a RecBole ``.item`` file the way RecBole does (tab separated, CSV quoting)."""
+    path = Path(path)
+    with open(path, encoding=encoding, newline="") as fh:
+        reader = csv.reader(fh, delimiter="\t", quotechar='"')
+        try:
+            header = next(reader)
+        except StopIteration:
+            raise AtomicFileError(f"{path}:1: empty file") from None
+        names, types = [], {}
+        for col in header:
+            if ":" not in col:
+                raise AtomicFileError(f"{path}:1: header column {col!r} is not 'name:type'")
+            name, ftype = col.split(":", 1)
+            names.append(name)
+            types[name] = ftype
+        if "item_id" not in names:
+            raise AtomicFileError(f"{path}:1: no item_id column (header {header})")
+        tokens, fields = [], {n: [] for n in names if n != "item_id"}
+        seen = set()
+        for lineno, row in enumerate(reader, start=2):
+            if not row or row == [""]:
+                continue
+            if len(row) != len(names):
+                raise AtomicFileError(f"{path}:{lineno}: {len(row)} columns, header has {len(names)}")
+            rec = dict(zip(names, row))
+            tok = rec["item_id"].strip()
+            if not tok:
+                raise AtomicFileError(f"{path}:{lineno}: empty item_id")
+            if tok in seen:
+                raise AtomicFileError(f"{path}:{lineno}: duplicate item_id {tok!r}")
+            seen.add(tok)
+            tokens.append(tok)
+            for n in fields:
+                fields[n].append(rec[n])
+    return AtomicItems(path, tokens, fields, types)
+
+
+def atomic_item_texts(items: AtomicItems, field_names: List[str]) -> List[str]:
+    """Template text per row; ``token_seq`` cells are space-separated lists ("_" back to spaces)."""
+    missing = [f for f in field_names if f not in items.fields]
+    if missing:
+        raise AtomicFileError(f"{items.path}: no field(s) {missing}; has {sorted(items.fields)}")
+    texts = []
+    for r in range(len(items.tokens)):
+        values = {}
+        for f in field_names:
+            cell = items.fields[f][r].strip()
+            if not cell:
+                continue
+            if items.types[f] == "token_seq" and f not in ("title", "movie_title", "overview", "description"):
+                values[f] = [t.replace("_", " ") for t in cell.split()]
+            elif items.types[f] == "float" and cell.endswith(".0") and f in ("release_year", "year"):
+                values[f] = cell[:-2]
+            else:
+                values[f] = cell
+        texts.append(text_mod.item_text(values, field_names) or text_mod.PLACEHOLDER)
+    return texts
+
+
+def build_text_features(dataset_dir, name: str, fields: Optional[List[str]] = None,
+                        encoder: str = "minilm", batch_size: int = 32, device: str = "auto",
+                        output_dir=None, progress: bool = True) -> dict:
+    """Build ``<name>.text.npy`` for an existing RecBole dataset from its ``<name>.item`` file.
+
+    ``dataset_dir/<name>.item`` is read (never modified); ``fields`` are the ``.item`` columns put
+    into the "Label: value" template, in order (default: every column except item_id, e.g. for
+    RecBole's bundled ml-100k ``movie_title, release_year, class`` -> "Title: ...\\nYear: ...\\n
+    Genres: ..."). Features go to ``output_dir`` (default ``dataset_dir``) through
+    ``recbole_fmrl.data.features``; a rerun with the same item list, texts and encoder returns at
+    once. Returns the manifest entry of the text modality.
+    """
+    from dataset_tools.features_stage import ensure_text_features
+    from dataset_tools.encoders import TextEncoderOptions
+
+    dataset_dir = Path(dataset_dir)
+    out = Path(output_dir) if output_dir else dataset_dir
+    item_path = dataset_dir / f"{name}.item"
+    if not item_path.is_file():
+        raise FileNotFoundError(f"{item_path}: no .item file to build text from")
+    items = read_item_file(item_path)
+    field_names = list(fields) if fields else list(items.fields)
+    texts = atomic_item_texts(items, field_names)
+    ensure_item_ids(out, name, items.tokens)
+    return ensure_text_features(
+        out, name, texts, TextEncoderOptions(name=encoder, batch_size=batch_size, device=device),
+        extra={"source": str(item_path), "fields": field_names}, progress=progress)
+
+
+def ensure_item_ids(folder, name: str, tokens: Sequence[str]) -> str:
+    """Write ``<name>.item_ids`` unless it already lists exactly ``tokens``; returns its sha256.
+
+    Rewriting an identical file would be harmless for the hash, but skipping it keeps the
+    features of other modalities untouched on disk.
+    """
+    path = features.paths(folder, name)["item_ids"]
+    content = "".join(f"{t}\n" for t in tokens)
+    if path.is_file() and path.read_text(encoding="utf-8") == content:
+        return features.sha256_file(path)
+    return features.write_item_ids(folder, name, tokens)

@@ -1,0 +1,204 @@
+"""MovieLens 100k (``u.data``/``u.item``/``u.genre``) and 1M (``ratings.dat``/``movies.dat``).
+
+Optional extras: a posters folder (``<movie_id>.jpg``; default ``<input>/posters``) and an
+overview CSV with ``movie_id`` and ``overview`` columns (default ``<input>/items_tmdb.csv``).
+Item text: "Title: ...\\nYear: ...\\nGenres: ...\\nOverview: ...". Titles lose the "(1995)" suffix
+(it becomes the Year line) and get their article back in front ("Usual Suspects, The" ->
+"The Usual Suspects"), which is how an encoder has seen them in running text.
+"""
+import csv
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Optional
+
+from dataset_tools import text as text_mod
+from dataset_tools.report import Report
+from dataset_tools.images import find_image
+from dataset_tools.source import Item, SourceData, clean_text
+
+# u.genre of 100k, used when the file is missing.
+GENRES_100K = ["unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
+               "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery",
+               "Romance", "Sci-Fi", "Thriller", "War", "Western"]
+_YEAR = re.compile(r"\s*\((\d{4})\)\s*$")
+_ARTICLE = re.compile(r"^(?P<rest>.+), (?P<art>The|A|An|Les|La|Le|Il|El|Das|Der|Die)(?P<tail> \(.*\))?$")
+
+
+@dataclass
+class MovieLensOptions:
+    input: Path  # folder with u.data + u.item (100k) or ratings.dat + movies.dat (1M)
+    posters: Optional[Path] = None  # folder of <movie_id>.jpg; None: <input>/posters when it exists
+    overviews: Optional[Path] = None  # CSV with movie_id and overview; None: <input>/items_tmdb.csv if present
+    use_posters: bool = True  # False: ignore posters even when the folder exists
+    use_overviews: bool = True  # False: ignore the overview CSV even when it exists
+
+
+def split_title(raw: str):
+    """("Usual Suspects, The (1995)") -> ("The Usual Suspects", "1995")."""
+    title, year = raw.strip(), None
+    m = _YEAR.search(title)
+    if m:
+        year, title = m.group(1), title[: m.start()].strip()
+    m = _ARTICLE.match(title)
+    if m:
+        title = f"{m.group('art')} {m.group('rest')}{m.group('tail') or ''}"
+    return title, year
+
+
+def _title_fields(item: Item, raw_title: str, path, lineno, fallback_year=None):
+    title, year = split_title(clean_text(raw_title, item.findings, path, lineno, "title"))
+    if title and title.lower() != "unknown":
+        item.fields["title"] = title
+    else:
+        item.findings.problem("empty title", path, lineno, f"title {raw_title!r}")
+    year = year or fallback_year
+    if year:
+        item.fields["year"] = year
+
+
+def _read_100k(folder: Path, data: SourceData, report: Report):
+    ratings, movies = folder / "u.data", folder / "u.item"
+    data.input_files += [ratings, movies]
+    genre_path = folder / "u.genre"
+    genres = list(GENRES_100K)
+    if genre_path.is_file():
+        data.input_files.append(genre_path)
+        pairs = [ln.rsplit("|", 1) for ln in genre_path.read_text(encoding="latin-1").splitlines() if "|" in ln]
+        try:
+            by_index = {int(i): g for g, i in pairs}
+            genres = [by_index[i] for i in range(len(by_index))]
+        except (ValueError, KeyError):
+            report.problem("malformed u.genre (built-in genre list used)", genre_path)
+    with open(ratings, encoding="latin-1") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            parts = line.split("\t")
+            if not line.strip():
+                continue
+            if len(parts) != 4 or not all(p.strip().lstrip("-").isdigit() for p in parts):
+                report.problem("malformed rating line", ratings, lineno, line.strip()[:80])
+                continue
+            data.add(parts[0].strip(), parts[1].strip(), float(parts[3]), f"{ratings}:{lineno}")
+    with open(movies, encoding="latin-1") as fh:  # MovieLens files are latin-1, not utf-8
+        for lineno, line in enumerate(fh, start=1):
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                continue
+            parts = line.split("|")
+            if len(parts) != 5 + len(genres) or not parts[0].strip().isdigit():
+                report.problem("malformed movie line", movies, lineno, line[:80])
+                continue
+            mid = parts[0].strip()
+            if mid in data.item_info:
+                report.problem("movie listed twice (later line skipped)", movies, lineno, f"movie {mid}")
+                continue
+            item = Item(origin=f"{movies}:{lineno}")
+            date_year = parts[2].strip()[-4:] if re.search(r"\d{4}$", parts[2].strip()) else None
+            _title_fields(item, parts[1], movies, lineno, date_year)
+            flags = parts[5:]
+            names = [g for g, f in zip(genres, flags) if f.strip() == "1" and g.lower() != "unknown"]
+            if names:
+                item.fields["genres"] = names
+            data.item_info[mid] = item
+
+
+def _read_1m(folder: Path, data: SourceData, report: Report):
+    ratings, movies = folder / "ratings.dat", folder / "movies.dat"
+    data.input_files += [ratings, movies]
+    with open(ratings, encoding="latin-1") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            parts = line.strip().split("::")
+            if len(parts) != 4 or not all(p.isdigit() for p in parts):
+                report.problem("malformed rating line", ratings, lineno, line.strip()[:80])
+                continue
+            data.add(parts[0], parts[1], float(parts[3]), f"{ratings}:{lineno}")
+    with open(movies, encoding="latin-1") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                continue
+            parts = line.split("::")
+            if len(parts) != 3 or not parts[0].isdigit():
+                report.problem("malformed movie line", movies, lineno, line[:80])
+                continue
+            mid = parts[0]
+            if mid in data.item_info:
+                report.problem("movie listed twice (later line skipped)", movies, lineno, f"movie {mid}")
+                continue
+            item = Item(origin=f"{movies}:{lineno}")
+            _title_fields(item, parts[1], movies, lineno)
+            names = [g for g in parts[2].split("|") if g.strip() and g != "(no genres listed)"]
+            if names:
+                item.fields["genres"] = names
+            data.item_info[mid] = item
+
+
+def read_overviews(path: Path, data: SourceData, report: Report):
+    with open(path, encoding="utf-8", errors="replace", newline="") as fh:
+        reader = csv.DictReader(fh)
+        cols = reader.fieldnames or []
+        id_col = next((c for c in ("movie_id", "movieId", "item_id", "id") if c in cols), None)
+        if id_col is None or "overview" not in cols:
+            raise ValueError(f"{path}:1: need a movie_id and an overview column, header is {cols}")
+        seen: Dict[str, str] = {}
+        for rec in reader:
+            lineno = reader.line_num
+            mid = (rec.get(id_col) or "").strip()
+            if mid.endswith(".0"):
+                mid = mid[:-2]
+            if not mid:
+                report.problem("overview row without movie id", path, lineno)
+                continue
+            overview = (rec.get("overview") or "").strip()
+            if mid in seen:
+                if overview == seen[mid]:
+                    report.repair("duplicate overview row (identical, skipped)", path, lineno, f"movie {mid}")
+                else:
+                    report.problem("conflicting duplicate overview row (first kept)", path, lineno, f"movie {mid}")
+                continue
+            seen[mid] = overview
+            item = data.item_info.get(mid)
+            if item is None:
+                report.problem("overview for a movie missing from the movie file", path, lineno, f"movie {mid}")
+                continue
+            if overview:
+                item.fields["overview"] = clean_text(overview, item.findings, path, lineno, "overview")
+            else:
+                item.findings.problem("empty overview", path, lineno, f"movie {mid}")
+
+
+def read_movielens(options: MovieLensOptions, report: Report, progress: bool = True) -> SourceData:
+    folder = Path(options.input)
+    posters = Path(options.posters) if options.posters else folder / "posters"
+    posters = posters if options.use_posters and posters.is_dir() else None
+    if options.posters and options.use_posters and posters is None:
+        raise FileNotFoundError(f"{options.posters}: posters folder not found")
+    overviews = Path(options.overviews) if options.overviews else folder / "items_tmdb.csv"
+    overviews = overviews if options.use_overviews and overviews.is_file() else None
+    if options.overviews and options.use_overviews and overviews is None:
+        raise FileNotFoundError(f"{options.overviews}: overview CSV not found")
+
+    data = SourceData(kind="movielens", input_files=[], has_images=posters is not None,
+                      default_fields=[f for f in text_mod.MOVIELENS_FIELDS if f != "overview" or overviews])
+    if (folder / "u.data").is_file() and (folder / "u.item").is_file():
+        _read_100k(folder, data, report)
+        variant = "100k"
+    elif (folder / "ratings.dat").is_file() and (folder / "movies.dat").is_file():
+        _read_1m(folder, data, report)
+        variant = "1m"
+    else:
+        raise FileNotFoundError(f"{folder}: neither u.data + u.item (MovieLens 100k) nor ratings.dat + "
+                                f"movies.dat (MovieLens 1M)")
+    if overviews is not None:
+        data.input_files.append(overviews)
+        read_overviews(overviews, data, report)
+    if posters is not None:
+        for mid, item in data.item_info.items():
+            item.image = find_image(posters, [mid]) or posters / f"{mid}.jpg"
+            item.image_origin = item.origin
+    data.details = {"variant": variant, "posters": str(posters) if posters else None,
+                    "overviews": str(overviews) if overviews else None,
+                    "timestamps": "rating unix time; ties in file order"}
+    return data
