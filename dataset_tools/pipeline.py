@@ -110,13 +110,14 @@ def convert(source: SourceData, options: ConvertOptions, report: Report) -> dict
     used: Dict[str, str] = {}
     for tok, origin in zip(source.items, source.origins):
         used.setdefault(tok, origin)
+    info = dict(source.item_info)  # placeholders for items without metadata go here, not into source
     texts: Dict[str, str] = {}
     no_text = set()
     for tok, origin in used.items():
-        item = source.item_info.get(tok)
+        item = info.get(tok)
         if item is None:
             report.problem("item without metadata", origin, None, f"item {tok}")
-            source.item_info[tok] = item = Item(origin=origin)
+            info[tok] = item = Item(origin=origin)
             no_text.add(tok)
         else:
             item.findings.replay(report)
@@ -134,7 +135,7 @@ def convert(source: SourceData, options: ConvertOptions, report: Report) -> dict
     image_sha: Dict[str, str] = {}
     if source.has_images:
         t0 = time.time()
-        check = check_images(candidates, source.item_info, report, progress=options.progress)
+        check = check_images(candidates, info, report, progress=options.progress)
         image_ok, image_sha = check.ok, check.sha256
         timings["check_images_s"] = round(time.time() - t0, 2)
         bad = [t for t in candidates if not image_ok[t]]
@@ -188,7 +189,7 @@ def convert(source: SourceData, options: ConvertOptions, report: Report) -> dict
 
     final_items = [candidates[i] for i in sorted(set(i_idx.tolist()))]
     # Items keep the source's order (P5 id order, u.item order, metadata file order).
-    source_rank = {tok: r for r, tok in enumerate(source.item_info)}
+    source_rank = {tok: r for r, tok in enumerate(info)}
     final_items.sort(key=lambda t: source_rank[t])
     n_users = len(np.unique(u_idx))
     n_items = len(final_items)
@@ -202,8 +203,8 @@ def convert(source: SourceData, options: ConvertOptions, report: Report) -> dict
     folder = dataset_dir(options)
     folder.mkdir(parents=True, exist_ok=True)
     inter = atomic.inter_text([source.users[r] for r in rows], [source.items[r] for r in rows], t_val.tolist())
-    item_fields = [f for f in fields if any(f in source.item_info[t].fields for t in final_items)]
-    item = atomic.item_text_file(final_items, {t: source.item_info[t].fields for t in final_items}, item_fields)
+    item_fields = [f for f in fields if any(f in info[t].fields for t in final_items)]
+    item = atomic.item_text_file(final_items, {t: info[t].fields for t in final_items}, item_fields)
     inter_path, item_path = folder / f"{options.name}.inter", folder / f"{options.name}.item"
     # The marker goes first and comes back last: whatever happens in between, a folder without
     # meta.json is never taken for a finished dataset. Unchanged files are not rewritten.
@@ -228,7 +229,7 @@ def convert(source: SourceData, options: ConvertOptions, report: Report) -> dict
             report.note("an image encoder was given but the source has no image folder: no image features")
         else:
             t0 = time.time()
-            paths = [source.item_info[t].image if image_ok.get(t) else None for t in final_items]
+            paths = [info[t].image if image_ok.get(t) else None for t in final_items]
 
             def on_error(row, err):
                 report.problem("corrupt image", paths[row], None, f"item {final_items[row]}: {err} (zero row)")
