@@ -1,0 +1,156 @@
+r"""FMRLRec
+################################################
+
+Reference:
+    Yueqi Wang, Zhenrui Yue, Huimin Zeng, Dong Wang, Julian McAuley. "Train Once, Deploy Anywhere:
+    Matryoshka Representation Learning for Multimodal Recommendation." EMNLP Findings 2024.
+
+Frozen text/image item features are fused by one linear projection and fed through stacked
+nested LRU blocks. Every weight is block lower-triangular over the sizes m_1 < ... < m_K = d, so the
+first m dims of the whole network form a complete size-m model; one training with a Matryoshka
+loss summed over sizes yields a model for every size.
+"""
+import copy
+
+import torch
+from recbole.model.abstract_recommender import SequentialRecommender
+from recbole.utils import InputType
+from torch import nn
+from torch.nn import functional as F
+
+from recbole_fmrl.model.fusion import FeatureFusion, IdEmbedding, modality_parts
+from recbole_fmrl.model.loss import matryoshka_cross_entropy, matryoshka_logits
+from recbole_fmrl.model.lru import LRULayer
+from recbole_fmrl.model.nested import NestedLayerNorm, NestedLinear, check_sizes, default_sizes
+
+
+class FMRLBlock(nn.Module):
+    """Pre-LN block: h = x + LRU(LN1 x); y = h + Drop(W2(SiLU(G z) * Drop(W1 z))), z = LN2 h."""
+
+    def __init__(self, sizes, ffn_ratio, dropout, lru_dropout, r_min, r_max, scan):
+        super().__init__()
+        inner = [ffn_ratio * m for m in sizes]
+        self.ln1 = NestedLayerNorm(sizes)
+        self.lru = LRULayer(sizes, r_min=r_min, r_max=r_max, dropout=lru_dropout, scan=scan)
+        self.ln2 = NestedLayerNorm(sizes)
+        self.gate = NestedLinear(sizes, inner)  # up-scale d -> r*d
+        self.w1 = NestedLinear(sizes, inner)
+        self.w2 = NestedLinear(inner, sizes)  # down-scale r*d -> d
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):  # [B L d]
+        h = x + self.lru(self.ln1(x))
+        z = self.ln2(h)
+        return h + self.dropout(self.w2(F.silu(self.gate(z)) * self.dropout(self.w1(z))))
+
+
+class FMRLRec(SequentialRecommender):
+    input_type = InputType.POINTWISE
+
+    def __init__(self, config, dataset):
+        super().__init__(config, dataset)
+
+        # load parameters info
+        self.hidden_size = config["hidden_size"]
+        self.n_layers = config["n_layers"]
+        self.hidden_dropout_prob = config["hidden_dropout_prob"]
+        self.attn_dropout_prob = config["attn_dropout_prob"]
+        self.sizes = check_sizes(config["fmrl_sizes"] or default_sizes(self.hidden_size), self.hidden_size)
+        weights = config["fmrl_size_weights"] or [1.0] * len(self.sizes)
+        if len(weights) != len(self.sizes) or min(weights) < 0 or sum(weights) <= 0:
+            raise ValueError(f"fmrl_size_weights: need {len(self.sizes)} non-negative weights, got {weights}")
+        self.modality = dataset.fmrl_modality if hasattr(dataset, "fmrl_modality") else config["fmrl_modality"]
+        self.loss_chunk_size = config["fmrl_loss_chunk_size"]
+        self.target_list_field = getattr(dataset, "target_list_field", None)
+        self._build_args = (config, dataset)  # to build sub-models of smaller sizes
+        self._table_cache = None
+
+        # define layers
+        parts = modality_parts(self.modality)
+        if parts:
+            if not hasattr(dataset, "item_features"):
+                raise ValueError(f"fmrl_modality={self.modality!r} needs FMRLDataset (use recbole_fmrl's quick_start)")
+            self.item_encoder = FeatureFusion(dataset.item_features(parts), self.hidden_size)
+        else:
+            self.item_encoder = IdEmbedding(self.n_items, self.hidden_size)
+        self.input_dropout = nn.Dropout(self.hidden_dropout_prob)
+        self.blocks = nn.ModuleList(
+            FMRLBlock(self.sizes, config["fmrl_ffn_ratio"], self.hidden_dropout_prob, self.attn_dropout_prob,
+                      config["fmrl_ring_r_min"], config["fmrl_ring_r_max"], config["fmrl_scan"])
+            for _ in range(self.n_layers))
+
+        # parameters initialization: nested layers initialise block-wise themselves (fan-in m_k)
+        self.register_buffer("size_weights", torch.tensor(weights, dtype=torch.float) / sum(weights), persistent=False)
+
+    def train(self, mode=True):
+        self._table_cache = None  # parameters may change: the cached eval item table is stale
+        return super().train(mode)
+
+    def item_table(self):
+        """Projected item table [N+1 d]; computed once per step, cached once per evaluation pass."""
+        if self.training:
+            return self.item_encoder()
+        if self._table_cache is None:  # evaluation only: no gradient needed
+            self._table_cache = self.item_encoder().detach()
+        return self._table_cache
+
+    def forward(self, item_seq, table=None):  # [B L] -> [B L d]
+        x = self.item_encoder(item_seq) if table is None else table[item_seq]
+        x = self.input_dropout(x)
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+    def calculate_loss(self, interaction):
+        item_seq = interaction[self.ITEM_SEQ]  # [B L]
+        table = self.item_table()  # [N+1 d], once for inputs and outputs of every size
+        out = self.forward(item_seq, table)  # [B L d]
+        if self.target_list_field is not None and self.target_list_field in interaction:
+            targets = interaction[self.target_list_field]  # [B L], 0 = no label
+            labelled = targets > 0
+            hidden, labels = out[labelled], targets[labelled]  # [P d], [P]
+        else:
+            hidden = self.gather_indexes(out, interaction[self.ITEM_SEQ_LEN] - 1)  # [B d]
+            labels = interaction[self.POS_ITEM_ID]
+        per_size = matryoshka_cross_entropy(hidden, table[1:], labels - 1, self.sizes, self.loss_chunk_size)
+        return tuple(per_size * self.size_weights)  # RecBole sums them and logs each size
+
+    def _last_hidden(self, interaction):
+        out = self.forward(interaction[self.ITEM_SEQ], self.item_table())
+        return self.gather_indexes(out, interaction[self.ITEM_SEQ_LEN] - 1)  # [B d]
+
+    def predict(self, interaction):
+        hidden = self._last_hidden(interaction)
+        return (hidden * self.item_table()[interaction[self.ITEM_ID]]).sum(-1)  # [B]
+
+    def full_sort_predict(self, interaction):
+        return self.full_sort_predict_sizes(interaction)[-1]  # [B N+1], the largest size
+
+    def full_sort_predict_sizes(self, interaction):
+        """Scores of every size from one pass: [K B N+1] (column 0 is padding)."""
+        return matryoshka_logits(self._last_hidden(interaction), self.item_table(), self.sizes)
+
+    def nested_parameter_count(self, size=None):
+        """Trainable parameters of the size-m model, counting only non-zero nested blocks."""
+        model = self if size is None or size == self.hidden_size else self.submodel(size)
+        nested = {m for m in model.modules() if isinstance(m, NestedLinear)}
+        counted = sum(m.nested_numel() for m in nested)
+        skip = {id(p) for m in nested for p in m.parameters()}
+        return counted + sum(p.numel() for p in model.parameters() if p.requires_grad and id(p) not in skip)
+
+    def submodel(self, size):
+        """A standalone size-m FMRLRec whose weights are the first-m slices of this model's."""
+        if size not in self.sizes:
+            raise ValueError(f"size {size} is not one of the nested sizes {self.sizes}")
+        config, dataset = self._build_args
+        config = copy.copy(config)
+        config.final_config_dict = dict(config.final_config_dict, hidden_size=size,
+                                        fmrl_sizes=self.sizes[: self.sizes.index(size) + 1])
+        if config["fmrl_size_weights"]:
+            config.final_config_dict["fmrl_size_weights"] = config["fmrl_size_weights"][: self.sizes.index(size) + 1]
+        reference = next(self.parameters())
+        small = type(self)(config, dataset).to(device=reference.device, dtype=reference.dtype)
+        target = small.state_dict()
+        small.load_state_dict({k: v[tuple(slice(0, s) for s in target[k].shape)]
+                               for k, v in self.state_dict().items()})
+        return small.train(self.training)

@@ -1,0 +1,45 @@
+"""Item tables: frozen text/image features fused by one linear projection (fMRLRec eq. 6-7).
+
+The projected table E = W_p [T ; V] + b_p is both the input embedding and the output item table.
+The projection is a plain (un-masked) linear: output dims are already nested, since row i of W_p
+only ever feeds hidden dim i, so the size-m model uses rows [:m] of W_p and b_p.
+"""
+import torch
+from torch import nn
+
+MODALITY_CHOICES = ("text_image", "text", "image", "id")
+
+
+def modality_parts(modality):
+    """Feature tables a modality setting reads, e.g. 'text_image' -> ['text', 'image']."""
+    if modality not in MODALITY_CHOICES:
+        raise ValueError(f"fmrl_modality: unknown value {modality!r}; expected one of {MODALITY_CHOICES}")
+    return [] if modality == "id" else modality.split("_")
+
+
+class FeatureFusion(nn.Module):
+    """Projects concatenated frozen features [N+1, F] to the hidden size; row 0 is padding."""
+
+    def __init__(self, features, hidden_size):
+        super().__init__()
+        # Non-persistent: checkpoints stay small and are rebuilt from the dataset's feature files.
+        self.register_buffer("features", features, persistent=False)  # [N+1 F]
+        self.proj = nn.Linear(features.shape[1], hidden_size)
+
+    def forward(self, item_ids=None):  # [...] -> [... d]; None -> the whole table [N+1 d]
+        feats = self.features if item_ids is None else self.features[item_ids]
+        return self.proj(feats)
+
+
+class IdEmbedding(nn.Module):
+    """Learned item-ID table: the paper's "w/o Lang. & Image" ablation."""
+
+    def __init__(self, n_items, hidden_size):
+        super().__init__()
+        self.embedding = nn.Embedding(n_items, hidden_size, padding_idx=0)
+        nn.init.normal_(self.embedding.weight, std=0.02)
+        with torch.no_grad():
+            self.embedding.weight[0].zero_()
+
+    def forward(self, item_ids=None):
+        return self.embedding.weight if item_ids is None else self.embedding(item_ids)

@@ -1,0 +1,242 @@
+"""Matryoshka cross-entropy (fMRLRec eq. 13-14): one CE per nested size from a single pass.
+
+Logits of size m use the first m dims of the hidden states and of the item table. Because the
+sizes are nested, logits_{m_k} = sum_{j<=k} H[:, blk_j] @ E[:, blk_j]^T: the per-block partial
+products plus a cumulative sum give all K sizes for the FLOPs of the largest one.
+
+``matryoshka_cross_entropy`` computes the K per-size mean CEs without materialising the K full
+``[P, N]`` logit matrices: the item table is walked in chunks of ``chunk_size`` items, an online
+(shifted) sum of exponentials is kept per size and row, and the backward pass recomputes each
+chunk's logits (Cut-Cross-Entropy / Liger style, generalised to nested sizes). Working memory is
+one ``[K, P, chunk]`` buffer; the autograd context saves only the inputs and the ``[K, P]``
+log-sum-exp.
+
+Implementation notes (CPU, measured in ``benchmarks/bench_loss.py``):
+
+* The shift of the exponentials is folded into the GEMMs: the item chunk gets a column of ones in
+  front of every block and the hidden states a column holding ``-shift``, so each GEMM writes
+  ``logits - shift`` and no separate subtraction pass over ``[K, P, c]`` is needed. In the
+  forward the shift starts at the label logit (a lower bound of the row max, so the sum of
+  exponentials is >= 1 and nothing relevant underflows); a chunk whose sum exceeds ``e^50``
+  (a logit more than ~50 nats above the shift, or an overflow) is recomputed with a max-based
+  shift, so the result is exact for any logit range. In the backward the shift is
+  ``lse_k - log(g_k / P)``, so ``exp`` yields ``g_k / P * softmax_k`` directly.
+* Sizes are produced either directly (``H[:, :m_k] @ E[:, :m_k]^T``) or chained
+  (``logits_k = logits_{k-1} + H_k @ E_k^T`` with ``addmm``) -- whichever is cheaper for the
+  block width; the backward uses the reverse cumulative sum over sizes so that block ``j``'s
+  gradient is one GEMM of width ``|blk_j|`` per direction.
+* The one-hot part of the gradient is applied once, outside the chunk loop.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+# Elements of the [K, P, c] working buffer per chunk used when chunk_size == 0 (auto).
+AUTO_BUFFER_ELEMS = 24 * 1024 * 1024
+# Below this many K*P*N logits the plain reference path is used when chunk_size == 0.
+AUTO_PLAIN_BELOW = 2 * 1024 * 1024
+# A block is chained (addmm on the previous size) when it is at least this wide; narrower sizes
+# are computed directly from the prefix (their GEMMs are memory-bound either way).
+CHAIN_MIN_WIDTH = 32
+# Overflow guard for the folded shift: a chunk whose per-row sum of exponentials exceeds
+# exp(_GUARD) is recomputed with a max-based shift.
+_GUARD = 50.0
+
+
+def block_bounds(sizes):
+    """[(0, m_1), (m_1, m_2), ...] for increasing sizes."""
+    edges = [0] + list(sizes)
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def matryoshka_logits(hidden, items, sizes):
+    """All-size logits ``[K, P, N]`` from per-block partial products and a cumulative sum."""
+    partial = torch.stack([hidden[:, a:b] @ items[:, a:b].T for a, b in block_bounds(sizes)])
+    return partial.cumsum(0)
+
+
+def matryoshka_cross_entropy_reference(hidden, items, labels, sizes):
+    """Per-size mean CE ``[K]``, materialising every logit matrix (the slow reference)."""
+    logits = matryoshka_logits(hidden, items, sizes)  # [K P N]
+    return torch.stack([F.cross_entropy(lg, labels) for lg in logits])
+
+
+def _check_sizes(sizes, d):
+    sizes = tuple(int(s) for s in sizes)
+    if not sizes or any(b <= a for a, b in zip((0,) + sizes[:-1], sizes)) or sizes[-1] != d:
+        raise ValueError(f"sizes must be increasing positive ints ending at d={d}, got {sizes}")
+    return sizes
+
+
+def auto_chunk_size(num_sizes, num_rows, num_items):
+    """Chunk (items per chunk) used when ``chunk_size == 0``: a ~``AUTO_BUFFER_ELEMS`` buffer."""
+    c = AUTO_BUFFER_ELEMS // max(1, num_sizes * num_rows)
+    c = max(256, (c // 256) * 256)
+    return min(c, num_items)
+
+
+class _Plan:
+    """Static layout for one call: blocks, augmented column offsets, direct/chain choice."""
+
+    def __init__(self, sizes):
+        self.sizes = sizes
+        self.bounds = block_bounds(sizes)
+        self.K = len(sizes)
+        # Augmented item layout: [1, E_blk0, 1, E_blk1, ...]; block j starts at off[j] (its 1).
+        self.off = [a + j for j, (a, _) in enumerate(self.bounds)]
+        self.width_aug = sizes[-1] + self.K
+        self.chain = [j > 0 and (b - a) >= CHAIN_MIN_WIDTH for j, (a, b) in enumerate(self.bounds)]
+
+    def hidden_aug(self, hidden):
+        """Per-size left operands with column(s) for the shift; shift columns filled later."""
+        P = hidden.shape[0]
+        mats, shift_col = [], []
+        for k, (a, b) in enumerate(self.bounds):
+            if self.chain[k]:
+                m = hidden.new_zeros(P, b - a + 1)
+                m[:, 1:] = hidden[:, a:b]
+            else:  # direct: [-s, H_b0, 0, H_b1, 0, ..., H_bk] against E_aug[:, :off_k + w_k + 1]
+                m = hidden.new_zeros(P, self.off[k] + (b - a) + 1)
+                for j, (aj, bj) in enumerate(self.bounds[: k + 1]):
+                    m[:, self.off[j] + 1: self.off[j] + 1 + bj - aj] = hidden[:, aj:bj]
+            mats.append(m)
+            shift_col.append(m[:, 0])
+        return mats, shift_col
+
+    def set_shift(self, shift_col, shift):
+        """Write ``-shift`` (per size, per row) into the shift columns (chained: the increment)."""
+        for k in range(self.K):
+            if self.chain[k]:
+                torch.sub(shift[k - 1], shift[k], out=shift_col[k])
+            else:
+                torch.neg(shift[k], out=shift_col[k])
+
+    def items_aug(self, items_chunk, out):
+        """[1, E_blk0, 1, E_blk1, ...] for one chunk (into a reusable buffer)."""
+        c = items_chunk.shape[0]
+        ea = out[: c * self.width_aug].view(c, self.width_aug)
+        for j, (a, b) in enumerate(self.bounds):
+            ea[:, self.off[j]] = 1
+            ea[:, self.off[j] + 1: self.off[j] + 1 + b - a] = items_chunk[:, a:b]
+        return ea
+
+    def logits(self, S, hmats, ea):
+        """S[k] = logits_k - shift_k for the chunk (shift folded into the GEMMs)."""
+        for k, (a, b) in enumerate(self.bounds):
+            if self.chain[k]:
+                blk = ea[:, self.off[k]: self.off[k] + b - a + 1]
+                torch.addmm(S[k - 1], hmats[k], blk.T, out=S[k])
+            else:
+                torch.mm(hmats[k], ea[:, : self.off[k] + b - a + 1].T, out=S[k])
+
+
+def _label_logits(hidden, items, labels, bounds):
+    """[K, P] label logits per size: cumulative per-block dot products."""
+    prod = hidden * items.index_select(0, labels)
+    return torch.stack([prod[:, a:b].sum(1) for a, b in bounds]).cumsum(0)
+
+
+class _MatryoshkaCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, items, labels, sizes, chunk_size):
+        plan = _Plan(sizes)
+        K, (P, d), N = plan.K, hidden.shape, items.shape[0]
+        c = min(chunk_size, N)
+        hidden_c, items_c = hidden.contiguous(), items.contiguous()
+        label_logit = _label_logits(hidden_c, items_c, labels, plan.bounds)  # [K, P]
+        shift = label_logit.clone()  # <= row max, so every row's sum of exps is >= ~1
+        total = hidden.new_zeros(K, P)
+        hmats, shift_col = plan.hidden_aug(hidden_c)
+        plan.set_shift(shift_col, shift)
+        buf = hidden.new_empty(K * P * c)
+        ebuf = hidden.new_empty(c * plan.width_aug)
+        limit = math.exp(_GUARD)
+        for c0 in range(0, N, c):
+            cc = min(c, N - c0)
+            S = buf[: K * P * cc].view(K, P, cc)
+            ea = plan.items_aug(items_c[c0: c0 + cc], ebuf)
+            plan.logits(S, hmats, ea)
+            S.exp_()
+            part = S.sum(-1)
+            if not bool((part <= limit).all()):  # a logit far above the shift: redo with max
+                plan.logits(S, hmats, ea)
+                delta = S.amax(-1).clamp_(min=0)
+                S.sub_(delta.unsqueeze(-1)).exp_()
+                total.mul_(torch.exp(-delta)).add_(S.sum(-1))
+                shift.add_(delta)
+                plan.set_shift(shift_col, shift)
+            else:
+                total.add_(part)
+        lse = shift + total.log()
+        ctx.save_for_backward(hidden, items, labels, lse)
+        ctx.plan, ctx.c = plan, c
+        return (lse - label_logit).mean(1)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, items, labels, lse = ctx.saved_tensors
+        plan, c = ctx.plan, ctx.c
+        K, (P, d), N = plan.K, hidden.shape, items.shape[0]
+        need_h, need_e = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        hidden_c, items_c = hidden.contiguous(), items.contiguous()
+        w = grad_out.to(hidden.dtype) / P  # [K] upstream weight of each size's mean CE
+        # exp(logits - shift) = |w_k| * softmax_k; w_k == 0 -> a shift so large that exp is 0.
+        aw = w.abs()
+        shift = lse + torch.where(aw > 0, -torch.log(aw.clamp(min=1e-300)), 1e4).unsqueeze(1)
+        negative = [k for k in range(K) if bool(w[k] < 0)]
+        hmats, shift_col = plan.hidden_aug(hidden_c)
+        plan.set_shift(shift_col, shift)
+        gh = [hidden.new_zeros(P, b - a) for a, b in plan.bounds] if need_h else None
+        ge = [hidden.new_empty(N, b - a) for a, b in plan.bounds] if need_e else None
+        buf = hidden.new_empty(K * P * c)
+        ebuf = hidden.new_empty(c * plan.width_aug)
+        for c0 in range(0, N, c):
+            cc = min(c, N - c0)
+            S = buf[: K * P * cc].view(K, P, cc)
+            ea = plan.items_aug(items_c[c0: c0 + cc], ebuf)
+            plan.logits(S, hmats, ea)
+            S.exp_()
+            for k in negative:
+                S[k].neg_()
+            for j in range(K - 2, -1, -1):  # G_j = sum_{k >= j} A_k
+                S[j].add_(S[j + 1])
+            for j, (a, b) in enumerate(plan.bounds):
+                e_blk = ea[:, plan.off[j] + 1: plan.off[j] + 1 + b - a]
+                if need_h:
+                    gh[j].addmm_(S[j], e_blk)
+                if need_e:
+                    torch.mm(S[j].T, hidden_c[:, a:b], out=ge[j][c0: c0 + cc])
+        # One-hot part: d logits_k[p, y_p] contributes -w_k; block j sees -sum_{k>=j} w_k.
+        wj = w.flip(0).cumsum(0).flip(0)  # [K]
+        grad_h = grad_e = None
+        if need_h:
+            grad_h = torch.cat(gh, 1)
+            e_lab = items_c.index_select(0, labels)
+            for j, (a, b) in enumerate(plan.bounds):
+                grad_h[:, a:b].sub_(e_lab[:, a:b] * wj[j])
+        if need_e:
+            grad_e = torch.cat(ge, 1)
+            scale = torch.cat([wj[j].expand(b - a) for j, (a, b) in enumerate(plan.bounds)])
+            grad_e.index_add_(0, labels, hidden_c * scale, alpha=-1)
+        return grad_h, grad_e, None, None, None
+
+
+def matryoshka_cross_entropy(hidden, items, labels, sizes, chunk_size=0):
+    """Per-size mean cross-entropy ``[K]`` over a full softmax on ``items``.
+
+    hidden [P, d] states at labelled positions; items [N, d] the item table without the padding
+    row; labels [P] row indices into ``items``; sizes increasing, sizes[-1] == d.
+
+    ``chunk_size`` > 0: fused chunked path with that many items per chunk. ``chunk_size`` == 0:
+    automatic -- the plain reference when K*P*N is small, else the fused path with
+    ``auto_chunk_size``. ``chunk_size`` < 0: always the plain reference. Differentiable wrt
+    ``hidden`` and ``items``; the backward pass honours per-size upstream weights.
+    """
+    sizes = _check_sizes(sizes, hidden.shape[-1])
+    P, N = hidden.shape[0], items.shape[0]
+    if chunk_size < 0 or (chunk_size == 0 and len(sizes) * P * N < AUTO_PLAIN_BELOW) or P == 0:
+        return matryoshka_cross_entropy_reference(hidden, items, labels, sizes)
+    if chunk_size == 0:
+        chunk_size = auto_chunk_size(len(sizes), P, N)
+    return _MatryoshkaCE.apply(hidden, items, labels, sizes, int(chunk_size))

@@ -1,0 +1,124 @@
+"""Linear Recurrent Unit (Orvieto et al. 2023; LRURec, Yue et al. 2024) with nested projections.
+
+h_t = lambda * h_{t-1} + gamma * (B u_t),   y_t = Re(C h_t)   (fMRLRec eq. 8-9)
+
+lambda = exp(-exp(nu_log) + i exp(theta_log)) is diagonal, so every state dimension is its own
+recurrence and the first m state dims depend only on the first m inputs once B and C are nested.
+Complex B and C are kept as real/imaginary NestedLinear pairs and applied with one real GEMM
+each, which is faster than complex GEMMs on CPU and keeps the parameter prefix structure.
+"""
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from recbole_fmrl.model.nested import NestedLinear
+
+
+def _powers(log_mod, phase, steps):
+    """Real and imaginary parts of lam^k for k in ``steps``: |lam|^k (cos k.theta, sin k.theta).
+
+    Computed from logs, never as lam^-k, so nothing overflows when |lam| is small.
+    """
+    k = steps.to(log_mod.dtype)[:, None]
+    mag = torch.exp(k * log_mod)
+    return mag * torch.cos(k * phase), mag * torch.sin(k * phase)
+
+
+def scan_doubling(xr, xi, log_mod, phase):
+    """Causal scan h_t = lam*h_{t-1} + x_t by recursive doubling: ceil(log2 L) elementwise steps.
+
+    x = xr + i xi is [B L D]; lam = exp(log_mod + i phase) is [D]. After the step with offset k
+    every position holds the sum over its last 2k inputs.
+    """
+    length, k = xr.shape[1], 1
+    while k < length:
+        pr, pi = _powers(log_mod, phase, torch.tensor([k], device=xr.device))
+        ar, ai = xr[:, :-k], xi[:, :-k]
+        xr = torch.cat([xr[:, :k], xr[:, k:] + pr * ar - pi * ai], dim=1)
+        xi = torch.cat([xi[:, :k], xi[:, k:] + pr * ai + pi * ar], dim=1)
+        k *= 2
+    return xr, xi
+
+
+def scan_dense(xr, xi, log_mod, phase):
+    """Causal scan as one real batched matmul with the Toeplitz kernel lam_d^(t-s), s <= t.
+
+    O(L^2 D) work in a single GEMM-shaped op: per channel, [[Kr, -Ki], [Ki, Kr]] (2L x 2L) times
+    the stacked real/imaginary inputs. Complex bmm is avoided: on CPU it is ~50x slower than real.
+    """
+    length = xr.shape[1]
+    steps = torch.arange(length, device=xr.device)
+    lag = steps[:, None] - steps[None, :]  # [L L]
+    pr, pi = _powers(log_mod, phase, steps)  # [L D]
+    causal = (lag >= 0).to(xr.dtype)[..., None]
+    kr, ki = pr[lag.clamp(min=0)] * causal, pi[lag.clamp(min=0)] * causal  # [L L D]
+    kernel = torch.cat([torch.cat([kr, -ki], 1), torch.cat([ki, kr], 1)], 0).permute(2, 0, 1)  # [D 2L 2L]
+    stacked = torch.cat([xr, xi], dim=1).permute(2, 1, 0)  # [D 2L B]
+    h = torch.bmm(kernel, stacked).permute(2, 1, 0)  # [B 2L D]
+    return h[:, :length], h[:, length:]
+
+
+def scan_sequential(xr, xi, log_mod, phase):
+    """Step-by-step complex recurrence: the slow reference the parallel scans are tested against."""
+    lam = torch.exp(torch.complex(log_mod, phase))
+    x, h, out = torch.complex(xr, xi), torch.zeros_like(torch.complex(xr[:, 0], xi[:, 0])), []
+    for t in range(x.shape[1]):
+        h = lam * h + x[:, t]
+        out.append(h)
+    out = torch.stack(out, dim=1)
+    return out.real, out.imag
+
+
+SCANS = {"doubling": scan_doubling, "dense": scan_dense, "sequential": scan_sequential}
+
+
+class LRULayer(nn.Module):
+    """Nested complex LRU with ring-initialised eigenvalues; state size equals the hidden size."""
+
+    def __init__(self, sizes, r_min=0.0, r_max=0.1, max_phase=2 * math.pi, dropout=0.1, scan="dense", bias=True):
+        super().__init__()
+        if not 0.0 <= r_min < r_max <= 1.0:
+            raise ValueError(f"LRU ring radii need 0 <= r_min < r_max <= 1, got r_min={r_min}, r_max={r_max}")
+        if scan not in SCANS:
+            raise ValueError(f"unknown LRU scan {scan!r}; expected one of {sorted(SCANS)}")
+        self.sizes, self.scan = list(sizes), scan
+        d = self.sizes[-1]
+        self.in_re = NestedLinear(sizes, sizes, bias)  # B, real part
+        self.in_im = NestedLinear(sizes, sizes, bias)  # B, imaginary part
+        self.out_re = NestedLinear(sizes, sizes, bias)  # C, real part (its bias is Re(b_C))
+        self.out_im = NestedLinear(sizes, sizes, bias=False)  # C, imaginary part
+        self.params_log = nn.Parameter(torch.empty(3, d))  # rows: nu_log, theta_log, gamma_log
+        self.dropout = nn.Dropout(dropout)
+        self.reset_lru_parameters(r_min, r_max, max_phase)
+
+    @torch.no_grad()
+    def reset_lru_parameters(self, r_min, r_max, max_phase):
+        d = self.sizes[-1]
+        u1, u2 = torch.rand(d), torch.rand(d)
+        mod_sq = (u1 * (r_max**2 - r_min**2) + r_min**2).clamp(min=1e-8)  # |lambda|^2 on the ring
+        self.params_log[0] = torch.log(-0.5 * torch.log(mod_sq))
+        self.params_log[1] = torch.log((max_phase * u2).clamp(min=1e-4))
+        self.params_log[2] = 0.5 * torch.log1p(-mod_sq)
+        # Imaginary parts start at zero, as in the reference; they learn through Re(C h).
+        self.in_im.weight.zero_()
+        if self.in_im.bias is not None:
+            self.in_im.bias.zero_()
+        self.out_im.weight.zero_()
+
+    def log_lambda(self):
+        """(log|lambda|, arg lambda), each [d]."""
+        nu_log, theta_log, _ = self.params_log
+        return -torch.exp(nu_log), torch.exp(theta_log)
+
+    def forward(self, u):  # [B L d] -> [B L d]
+        d = self.sizes[-1]
+        gamma = torch.exp(self.params_log[2])
+        w_in = torch.cat([self.in_re.masked_weight(), self.in_im.masked_weight()])  # [2d d]
+        b_in = None if self.in_re.bias is None else torch.cat([self.in_re.bias, self.in_im.bias])
+        bu = F.linear(u, w_in, b_in)  # [B L 2d]
+        hr, hi = SCANS[self.scan](bu[..., :d] * gamma, bu[..., d:] * gamma, *self.log_lambda())  # [B L d] x2
+        w_out = torch.cat([self.out_re.masked_weight(), -self.out_im.masked_weight()], dim=1)  # [d 2d]
+        y = F.linear(torch.cat([hr, hi], dim=-1), w_out, self.out_re.bias)
+        return self.dropout(y)

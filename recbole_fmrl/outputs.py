@@ -1,0 +1,58 @@
+"""Where a run writes: log/, log_tensorboard/ and saved/ under ``fmrl_output_dir``.
+
+RecBole hard-codes ``./log`` and ``./log_tensorboard``; this module is the one place that sends
+them under the configured output folder instead.
+"""
+import contextlib
+import hashlib
+import logging
+import os
+
+import colorlog
+from recbole.utils import get_local_time
+from recbole.utils.logger import RemoveColorFilter, log_colors_config
+
+
+def init_logger(config):
+    """RecBole-style console + file logging, the file under <fmrl_output_dir>/log/<model>/."""
+    log_dir = os.path.join(config["fmrl_output_dir"], "log", config["model"])
+    os.makedirs(log_dir, exist_ok=True)
+    digest = hashlib.md5("".join(str(v) for v in config.final_config_dict.values()).encode()).hexdigest()[:6]
+    path = os.path.join(log_dir, f"{config['model']}-{config['dataset']}-{get_local_time()}-{digest}.log")
+    level = {"debug": logging.DEBUG, "error": logging.ERROR, "warning": logging.WARNING}.get(
+        str(config["state"]).lower(), logging.INFO)
+    file_handler = logging.FileHandler(path)
+    file_handler.setFormatter(logging.Formatter("%(asctime)-15s %(levelname)s  %(message)s", "%a %d %b %Y %H:%M:%S"))
+    file_handler.addFilter(RemoveColorFilter())
+    stream = logging.StreamHandler()
+    stream.setFormatter(colorlog.ColoredFormatter("%(log_color)s%(asctime)-15s %(levelname)s  %(message)s",
+                                                  "%d %b %H:%M", log_colors=log_colors_config))
+    root = logging.getLogger()
+    for handler in list(root.handlers):  # a second run in one process must not log twice
+        root.removeHandler(handler)
+        handler.close()
+    root.setLevel(level)
+    file_handler.setLevel(level)
+    stream.setLevel(level)
+    root.addHandler(file_handler)
+    root.addHandler(stream)
+    return path
+
+
+@contextlib.contextmanager
+def tensorboard_under(output_dir):
+    """Make RecBole's Trainer create its SummaryWriter under <output_dir>/log_tensorboard."""
+    import recbole.trainer.trainer as recbole_trainer
+    from torch.utils.tensorboard import SummaryWriter
+
+    def get_tensorboard(logger):
+        name = next((os.path.basename(h.baseFilename).rsplit(".", 1)[0] for h in logger.handlers
+                     if hasattr(h, "baseFilename")), f"model-{get_local_time()}")
+        return SummaryWriter(os.path.join(output_dir, "log_tensorboard", name))
+
+    original = recbole_trainer.get_tensorboard
+    recbole_trainer.get_tensorboard = get_tensorboard
+    try:
+        yield
+    finally:
+        recbole_trainer.get_tensorboard = original

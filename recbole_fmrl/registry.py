@@ -1,0 +1,37 @@
+"""Name -> class lookups that know the plugin's models and fall back to RecBole's."""
+import importlib
+
+from recbole.utils import get_model as recbole_get_model
+
+PLUGIN_MODELS = {
+    "FMRLRec": "recbole_fmrl.model.fmrlrec",
+    "LRURec": "recbole_fmrl.model.lrurec",
+    "FMLPRec": "recbole_fmrl.model.fmlprec",
+}
+
+
+def get_model(name):
+    if name in PLUGIN_MODELS:
+        return getattr(importlib.import_module(PLUGIN_MODELS[name]), name)
+    return recbole_get_model(name)
+
+
+def uses_fmrl_dataset(model_class):
+    """Plugin models read item features / window samples from FMRLDataset."""
+    return getattr(model_class, "__module__", "").startswith("recbole_fmrl.")
+
+
+def create_dataset(config):
+    from recbole.data import create_dataset as recbole_create_dataset
+
+    if uses_fmrl_dataset(get_model(config["model"])):
+        from recbole_fmrl.data.dataset import FMRLDataset
+
+        return FMRLDataset(config)
+    return recbole_create_dataset(config)
+
+
+def get_trainer(model_name=None):
+    from recbole_fmrl.trainer import FMRLTrainer
+
+    return FMRLTrainer

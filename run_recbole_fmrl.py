@@ -1,0 +1,38 @@
+"""Train and evaluate FMRLRec (or a baseline) from the command line, RecBole style.
+
+    python run_recbole_fmrl.py                                   # FMRLRec on RecBole's bundled ml-100k
+    python run_recbole_fmrl.py --model SASRec --dataset NAME --config_files a.yaml b.yaml hidden_size=128
+"""
+import argparse
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def parse_overrides(items):
+    """``key=value`` or ``--key=value`` pairs into a dict (values typed later by RecBole's Config)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.lstrip("-").partition("=")
+        if not sep or not key:
+            raise SystemExit(f"unrecognised argument {item!r}: expected key=value")
+        out[key] = value
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", "-m", default="FMRLRec", help="FMRLRec, LRURec, FMLPRec or any RecBole model")
+    parser.add_argument("--dataset", "-d", default="ml-100k", help="dataset name (folder under data_path)")
+    parser.add_argument("--config_files", nargs="*", default=None, help="YAML files, later ones win")
+    parser.add_argument("--nproc", type=int, default=1, help=argparse.SUPPRESS)
+    args, rest = parser.parse_known_args(argv)
+    from recbole_fmrl.quick_start import run
+
+    run(model=args.model, dataset=args.dataset, config_file_list=args.config_files,
+        config_dict=parse_overrides(rest))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+import pytest
+import torch
+
+from recbole_fmrl.model.lru import SCANS, LRULayer
+
+
+@pytest.mark.parametrize("scan", ["doubling", "dense"])
+@pytest.mark.parametrize("length", [1, 7, 32, 50])
+def test_parallel_scan_equals_recurrence_with_gradients(scan, length):
+    torch.manual_seed(length)
+    shape = (3, length, 10)
+    xr = torch.randn(shape, dtype=torch.double, requires_grad=True)
+    xi = torch.randn(shape, dtype=torch.double, requires_grad=True)
+    log_mod = (-torch.rand(10, dtype=torch.double) * 3).requires_grad_()
+    phase = (torch.rand(10, dtype=torch.double) * 6.28).requires_grad_()
+    inputs = [xr, xi, log_mod, phase]
+    ref = SCANS["sequential"](*inputs)
+    out = SCANS[scan](*inputs)
+    weights = [torch.randn_like(r) for r in ref]
+    for a, b in zip(out, ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    g_ref = torch.autograd.grad(sum((r * w).sum() for r, w in zip(ref, weights)), inputs)
+    g_out = torch.autograd.grad(sum((r * w).sum() for r, w in zip(out, weights)), inputs, allow_unused=True)
+    for a, b, x in zip(g_out, g_ref, inputs):  # length 1: lambda is unused, its gradient zero
+        torch.testing.assert_close(torch.zeros_like(x) if a is None else a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_small_radius_does_not_overflow():
+    # |lambda| ~ 1e-4: lambda^-k tricks overflow; the scans must stay finite and exact
+    xr, xi = torch.randn(2, 64, 4), torch.randn(2, 64, 4)
+    log_mod, phase = torch.full((4,), -9.0), torch.rand(4)
+    for scan in ("doubling", "dense"):
+        hr, hi = SCANS[scan](xr, xi, log_mod, phase)
+        assert torch.isfinite(hr).all() and torch.isfinite(hi).all()
+        torch.testing.assert_close(hr, SCANS["sequential"](xr, xi, log_mod, phase)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_ring_initialisation():
+    torch.manual_seed(0)
+    layer = LRULayer([8, 16], r_min=0.3, r_max=0.4)
+    log_mod, phase = layer.log_lambda()
+    radius = torch.exp(log_mod)
+    assert torch.all(radius >= 0.3 - 1e-6) and torch.all(radius <= 0.4 + 1e-6)
+    assert torch.all(phase >= 0) and torch.all(phase <= 2 * torch.pi)
+    gamma = torch.exp(layer.params_log[2])
+    torch.testing.assert_close(gamma, torch.sqrt(1 - radius**2))
+
+
+def test_ring_radius_validation():
+    with pytest.raises(ValueError, match="r_min"):
+        LRULayer([8], r_min=0.5, r_max=0.2)
+
+
+def test_lru_is_causal_and_nested():
+    torch.manual_seed(0)
+    layer = LRULayer([8, 16], r_min=0.5, r_max=0.9, dropout=0.0).double()
+    with torch.no_grad():  # non-zero imaginary parts so the test covers them
+        layer.in_im.weight.normal_().mul_(layer.in_im.mask)
+        layer.out_im.weight.normal_().mul_(layer.out_im.mask)
+    u = torch.randn(2, 9, 16, dtype=torch.double)
+    y = layer(u)
+    u2 = u.clone()
+    u2[:, 5:] = torch.randn_like(u2[:, 5:])
+    torch.testing.assert_close(layer(u2)[:, :5], y[:, :5], rtol=0, atol=1e-12)  # causal
+    u3 = u.clone()
+    u3[..., 8:] = torch.randn_like(u3[..., 8:])
+    torch.testing.assert_close(layer(u3)[..., :8], y[..., :8], rtol=0, atol=1e-12)  # nested
