@@ -65,3 +65,13 @@ def test_lru_is_causal_and_nested():
     u3 = u.clone()
     u3[..., 8:] = torch.randn_like(u3[..., 8:])
     torch.testing.assert_close(layer(u3)[..., :8], y[..., :8], rtol=0, atol=1e-12)  # nested
+
+
+def test_wider_state_is_nested():
+    torch.manual_seed(1)
+    layer = LRULayer([8, 16], r_min=0.8, r_max=0.99, dropout=0.0, state_ratio=2).double()
+    assert layer.params_log.shape == (3, 32) and layer.in_re.weight.shape == (32, 16)
+    u = torch.randn(2, 6, 16, dtype=torch.double)
+    u2 = u.clone()
+    u2[..., 8:] = torch.randn_like(u2[..., 8:])
+    torch.testing.assert_close(layer(u2)[..., :8], layer(u)[..., :8], rtol=0, atol=1e-12)

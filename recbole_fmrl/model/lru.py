@@ -75,27 +75,33 @@ SCANS = {"doubling": scan_doubling, "dense": scan_dense, "sequential": scan_sequ
 
 
 class LRULayer(nn.Module):
-    """Nested complex LRU with ring-initialised eigenvalues; state size equals the hidden size."""
+    """Nested complex LRU with ring-initialised eigenvalues.
 
-    def __init__(self, sizes, r_min=0.0, r_max=0.1, max_phase=2 * math.pi, dropout=0.1, scan="dense", bias=True):
+    The state has ``state_ratio`` x the hidden size (fMRLRec: 1; LRURec: 2), nested as
+    state_ratio * sizes so that a size-m model keeps the first state_ratio * m state dims.
+    """
+
+    def __init__(self, sizes, r_min=0.0, r_max=0.1, max_phase=2 * math.pi, dropout=0.1, scan="dense", bias=True,
+                 state_ratio=1):
         super().__init__()
         if not 0.0 <= r_min < r_max <= 1.0:
             raise ValueError(f"LRU ring radii need 0 <= r_min < r_max <= 1, got r_min={r_min}, r_max={r_max}")
         if scan not in SCANS:
             raise ValueError(f"unknown LRU scan {scan!r}; expected one of {sorted(SCANS)}")
         self.sizes, self.scan = list(sizes), scan
-        d = self.sizes[-1]
-        self.in_re = NestedLinear(sizes, sizes, bias)  # B, real part
-        self.in_im = NestedLinear(sizes, sizes, bias)  # B, imaginary part
-        self.out_re = NestedLinear(sizes, sizes, bias)  # C, real part (its bias is Re(b_C))
-        self.out_im = NestedLinear(sizes, sizes, bias=False)  # C, imaginary part
-        self.params_log = nn.Parameter(torch.empty(3, d))  # rows: nu_log, theta_log, gamma_log
+        states = [state_ratio * m for m in self.sizes]
+        self.state_size = states[-1]
+        self.in_re = NestedLinear(sizes, states, bias)  # B, real part
+        self.in_im = NestedLinear(sizes, states, bias)  # B, imaginary part
+        self.out_re = NestedLinear(states, sizes, bias)  # C, real part (its bias is Re(b_C))
+        self.out_im = NestedLinear(states, sizes, bias=False)  # C, imaginary part
+        self.params_log = nn.Parameter(torch.empty(3, self.state_size))  # rows: nu_log, theta_log, gamma_log
         self.dropout = nn.Dropout(dropout)
         self.reset_lru_parameters(r_min, r_max, max_phase)
 
     @torch.no_grad()
     def reset_lru_parameters(self, r_min, r_max, max_phase):
-        d = self.sizes[-1]
+        d = self.state_size
         u1, u2 = torch.rand(d), torch.rand(d)
         mod_sq = (u1 * (r_max**2 - r_min**2) + r_min**2).clamp(min=1e-8)  # |lambda|^2 on the ring
         self.params_log[0] = torch.log(-0.5 * torch.log(mod_sq))
@@ -113,12 +119,12 @@ class LRULayer(nn.Module):
         return -torch.exp(nu_log), torch.exp(theta_log)
 
     def forward(self, u):  # [B L d] -> [B L d]
-        d = self.sizes[-1]
+        d = self.state_size
         gamma = torch.exp(self.params_log[2])
-        w_in = torch.cat([self.in_re.masked_weight(), self.in_im.masked_weight()])  # [2d d]
+        w_in = torch.cat([self.in_re.masked_weight(), self.in_im.masked_weight()])  # [2S d], S = state size
         b_in = None if self.in_re.bias is None else torch.cat([self.in_re.bias, self.in_im.bias])
         bu = F.linear(u, w_in, b_in)  # [B L 2d]
-        hr, hi = SCANS[self.scan](bu[..., :d] * gamma, bu[..., d:] * gamma, *self.log_lambda())  # [B L d] x2
-        w_out = torch.cat([self.out_re.masked_weight(), -self.out_im.masked_weight()], dim=1)  # [d 2d]
+        hr, hi = SCANS[self.scan](bu[..., :d] * gamma, bu[..., d:] * gamma, *self.log_lambda())  # [B L S] x2
+        w_out = torch.cat([self.out_re.masked_weight(), -self.out_im.masked_weight()], dim=1)  # [d 2S]
         y = F.linear(torch.cat([hr, hi], dim=-1), w_out, self.out_re.bias)
         return self.dropout(y)
