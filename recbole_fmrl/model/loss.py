@@ -36,9 +36,6 @@ import torch.nn.functional as F
 AUTO_BUFFER_ELEMS = 24 * 1024 * 1024
 # Below this many K*P*N logits the plain reference path is used when chunk_size == 0.
 AUTO_PLAIN_BELOW = 2 * 1024 * 1024
-# A block is chained (addmm on the previous size) when it is at least this wide; narrower sizes
-# are computed directly from the prefix (their GEMMs are memory-bound either way).
-CHAIN_MIN_WIDTH = 32
 # Overflow guard for the folded shift: a chunk whose per-row sum of exponentials exceeds
 # exp(_GUARD) is recomputed with a max-based shift.
 _GUARD = 50.0
@@ -77,7 +74,7 @@ def auto_chunk_size(num_sizes, num_rows, num_items):
 
 
 class _Plan:
-    """Static layout for one call: blocks, augmented column offsets, direct/chain choice."""
+    """Static layout for one call: blocks and the augmented column offsets."""
 
     def __init__(self, sizes):
         self.sizes = sizes
@@ -86,31 +83,21 @@ class _Plan:
         # Augmented item layout: [1, E_blk0, 1, E_blk1, ...]; block j starts at off[j] (its 1).
         self.off = [a + j for j, (a, _) in enumerate(self.bounds)]
         self.width_aug = sizes[-1] + self.K
-        self.chain = [j > 0 and (b - a) >= CHAIN_MIN_WIDTH for j, (a, b) in enumerate(self.bounds)]
 
     def hidden_aug(self, hidden):
-        """Per-size left operands with column(s) for the shift; shift columns filled later."""
-        P = hidden.shape[0]
-        mats, shift_col = [], []
-        for k, (a, b) in enumerate(self.bounds):
-            if self.chain[k]:
-                m = hidden.new_zeros(P, b - a + 1)
-                m[:, 1:] = hidden[:, a:b]
-            else:  # direct: [-s, H_b0, 0, H_b1, 0, ..., H_bk] against E_aug[:, :off_k + w_k + 1]
-                m = hidden.new_zeros(P, self.off[k] + (b - a) + 1)
-                for j, (aj, bj) in enumerate(self.bounds[: k + 1]):
-                    m[:, self.off[j] + 1: self.off[j] + 1 + bj - aj] = hidden[:, aj:bj]
+        """Per-block left operands [shift column | H_blk]; shift columns are set by set_shift."""
+        mats = []
+        for a, b in self.bounds:
+            m = hidden.new_empty(hidden.shape[0], b - a + 1)
+            m[:, 1:] = hidden[:, a:b]
             mats.append(m)
-            shift_col.append(m[:, 0])
-        return mats, shift_col
+        return mats
 
-    def set_shift(self, shift_col, shift):
-        """Write ``-shift`` (per size, per row) into the shift columns (chained: the increment)."""
-        for k in range(self.K):
-            if self.chain[k]:
-                torch.sub(shift[k - 1], shift[k], out=shift_col[k])
-            else:
-                torch.neg(shift[k], out=shift_col[k])
+    def set_shift(self, mats, shift):
+        """Column 0 of block k gets -(shift_k - shift_{k-1}), so the running sum is logits - shift."""
+        torch.neg(shift[0], out=mats[0][:, 0])
+        for k in range(1, self.K):
+            torch.sub(shift[k - 1], shift[k], out=mats[k][:, 0])
 
     def items_aug(self, items_chunk, out):
         """[1, E_blk0, 1, E_blk1, ...] for one chunk (into a reusable buffer)."""
@@ -121,14 +108,14 @@ class _Plan:
             ea[:, self.off[j] + 1: self.off[j] + 1 + b - a] = items_chunk[:, a:b]
         return ea
 
-    def logits(self, S, hmats, ea):
-        """S[k] = logits_k - shift_k for the chunk (shift folded into the GEMMs)."""
-        for k, (a, b) in enumerate(self.bounds):
-            if self.chain[k]:
-                blk = ea[:, self.off[k]: self.off[k] + b - a + 1]
-                torch.addmm(S[k - 1], hmats[k], blk.T, out=S[k])
-            else:
-                torch.mm(hmats[k], ea[:, : self.off[k] + b - a + 1].T, out=S[k])
+    def step(self, R, mats, ea, k):
+        """R <- logits_k - shift_k from R = logits_{k-1} - shift_{k-1} (in place, no copy)."""
+        a, b = self.bounds[k]
+        blk = ea[:, self.off[k]: self.off[k] + b - a + 1].T
+        if k == 0:
+            torch.mm(mats[0], blk, out=R)
+        else:
+            R.addmm_(mats[k], blk)
 
 
 def _label_logits(hidden, items, labels, bounds):
@@ -147,27 +134,33 @@ class _MatryoshkaCE(torch.autograd.Function):
         label_logit = _label_logits(hidden_c, items_c, labels, plan.bounds)  # [K, P]
         shift = label_logit.clone()  # <= row max, so every row's sum of exps is >= ~1
         total = hidden.new_zeros(K, P)
-        hmats, shift_col = plan.hidden_aug(hidden_c)
-        plan.set_shift(shift_col, shift)
-        buf = hidden.new_empty(K * P * c)
+        part = hidden.new_empty(K, P)
+        mats = plan.hidden_aug(hidden_c)
+        plan.set_shift(mats, shift)
+        rbuf, tbuf = hidden.new_empty(P * c), hidden.new_empty(P * c)
         ebuf = hidden.new_empty(c * plan.width_aug)
         limit = math.exp(_GUARD)
         for c0 in range(0, N, c):
             cc = min(c, N - c0)
-            S = buf[: K * P * cc].view(K, P, cc)
+            R, T = rbuf[: P * cc].view(P, cc), tbuf[: P * cc].view(P, cc)
             ea = plan.items_aug(items_c[c0: c0 + cc], ebuf)
-            plan.logits(S, hmats, ea)
-            S.exp_()
-            part = S.sum(-1)
-            if not bool((part <= limit).all()):  # a logit far above the shift: redo with max
-                plan.logits(S, hmats, ea)
-                delta = S.amax(-1).clamp_(min=0)
-                S.sub_(delta.unsqueeze(-1)).exp_()
-                total.mul_(torch.exp(-delta)).add_(S.sum(-1))
-                shift.add_(delta)
-                plan.set_shift(shift_col, shift)
-            else:
+            for k in range(K):
+                plan.step(R, mats, ea, k)
+                torch.exp(R, out=T)
+                torch.sum(T, -1, out=part[k])
+            if bool((part <= limit).all()):
                 total.add_(part)
+                continue
+            # Some logit is far above its shift (or overflowed): redo the chunk with max shifts.
+            delta = torch.zeros_like(shift)
+            for k in range(K):
+                plan.step(R, mats, ea, k)
+                delta[k] = R.amax(-1).clamp_(min=0)
+                torch.sub(R, delta[k].unsqueeze(-1), out=T).exp_()
+                torch.sum(T, -1, out=part[k])
+            total.mul_(torch.exp(-delta)).add_(part)
+            shift.add_(delta)
+            plan.set_shift(mats, shift)
         lse = shift + total.log()
         ctx.save_for_backward(hidden, items, labels, lse)
         ctx.plan, ctx.c = plan, c
@@ -185,39 +178,37 @@ class _MatryoshkaCE(torch.autograd.Function):
         aw = w.abs()
         shift = lse + torch.where(aw > 0, -torch.log(aw.clamp(min=1e-300)), 1e4).unsqueeze(1)
         negative = [k for k in range(K) if bool(w[k] < 0)]
-        hmats, shift_col = plan.hidden_aug(hidden_c)
-        plan.set_shift(shift_col, shift)
-        gh = [hidden.new_zeros(P, b - a) for a, b in plan.bounds] if need_h else None
-        ge = [hidden.new_empty(N, b - a) for a, b in plan.bounds] if need_e else None
-        buf = hidden.new_empty(K * P * c)
+        mats = plan.hidden_aug(hidden_c)
+        plan.set_shift(mats, shift)
+        grad_h = hidden.new_zeros(P, d) if need_h else None
+        grad_et = hidden.new_empty(d, N) if need_e else None  # transposed: row blocks contiguous
+        rbuf, sbuf = hidden.new_empty(P * c), hidden.new_empty(K * P * c)
         ebuf = hidden.new_empty(c * plan.width_aug)
         for c0 in range(0, N, c):
             cc = min(c, N - c0)
-            S = buf[: K * P * cc].view(K, P, cc)
-            ea = plan.items_aug(items_c[c0: c0 + cc], ebuf)
-            plan.logits(S, hmats, ea)
-            S.exp_()
+            R, S = rbuf[: P * cc].view(P, cc), sbuf[: K * P * cc].view(K, P, cc)
+            e_chunk = items_c[c0: c0 + cc]
+            ea = plan.items_aug(e_chunk, ebuf)
+            for k in range(K):
+                plan.step(R, mats, ea, k)
+                torch.exp(R, out=S[k])  # A_k = |w_k| softmax_k on this chunk
             for k in negative:
                 S[k].neg_()
             for j in range(K - 2, -1, -1):  # G_j = sum_{k >= j} A_k
                 S[j].add_(S[j + 1])
             for j, (a, b) in enumerate(plan.bounds):
-                e_blk = ea[:, plan.off[j] + 1: plan.off[j] + 1 + b - a]
                 if need_h:
-                    gh[j].addmm_(S[j], e_blk)
+                    grad_h[:, a:b].addmm_(S[j], e_chunk[:, a:b])
                 if need_e:
-                    torch.mm(S[j].T, hidden_c[:, a:b], out=ge[j][c0: c0 + cc])
+                    grad_et[a:b, c0: c0 + cc].addmm_(hidden_c[:, a:b].T, S[j], beta=0)
         # One-hot part: d logits_k[p, y_p] contributes -w_k; block j sees -sum_{k>=j} w_k.
         wj = w.flip(0).cumsum(0).flip(0)  # [K]
-        grad_h = grad_e = None
+        scale = torch.cat([wj[j].expand(b - a) for j, (a, b) in enumerate(plan.bounds)])
+        grad_e = None
         if need_h:
-            grad_h = torch.cat(gh, 1)
-            e_lab = items_c.index_select(0, labels)
-            for j, (a, b) in enumerate(plan.bounds):
-                grad_h[:, a:b].sub_(e_lab[:, a:b] * wj[j])
+            grad_h.sub_(items_c.index_select(0, labels) * scale)
         if need_e:
-            grad_e = torch.cat(ge, 1)
-            scale = torch.cat([wj[j].expand(b - a) for j, (a, b) in enumerate(plan.bounds)])
+            grad_e = grad_et.T.contiguous()
             grad_e.index_add_(0, labels, hidden_c * scale, alpha=-1)
         return grad_h, grad_e, None, None, None
 
