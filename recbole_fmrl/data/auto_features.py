@@ -29,6 +29,6 @@ def ensure_item_features(config):
         from dataset_tools.atomic import build_text_features
 
         getLogger().info(f"item text features for {name}: {cache} (encoder {config['fmrl_text_encoder']})")
-        build_text_features(item_file, cache, name, fields=config["fmrl_text_fields"],
-                            encoder=config["fmrl_text_encoder"])
+        build_text_features(data_dir, name, fields=config["fmrl_text_fields"], encoder=config["fmrl_text_encoder"],
+                            output_dir=cache, progress=config["show_progress"])
     config["fmrl_feature_path"] = str(cache)
