@@ -99,13 +99,12 @@ class _Plan:
         for k in range(1, self.K):
             torch.sub(shift[k - 1], shift[k], out=mats[k][:, 0])
 
-    def items_aug(self, items_chunk, out):
-        """[1, E_blk0, 1, E_blk1, ...] for one chunk (into a reusable buffer)."""
-        c = items_chunk.shape[0]
-        ea = out[: c * self.width_aug].view(c, self.width_aug)
+    def items_aug(self, items):
+        """[1, E_blk0, 1, E_blk1, ...] for the whole table (one [N, d + K] copy per pass)."""
+        ea = items.new_empty(items.shape[0], self.width_aug)
         for j, (a, b) in enumerate(self.bounds):
             ea[:, self.off[j]] = 1
-            ea[:, self.off[j] + 1: self.off[j] + 1 + b - a] = items_chunk[:, a:b]
+            ea[:, self.off[j] + 1: self.off[j] + 1 + b - a] = items[:, a:b]
         return ea
 
     def step(self, R, mats, ea, k):
@@ -138,12 +137,12 @@ class _MatryoshkaCE(torch.autograd.Function):
         mats = plan.hidden_aug(hidden_c)
         plan.set_shift(mats, shift)
         rbuf, tbuf = hidden.new_empty(P * c), hidden.new_empty(P * c)
-        ebuf = hidden.new_empty(c * plan.width_aug)
+        e_aug = plan.items_aug(items_c)
         limit = math.exp(_GUARD)
         for c0 in range(0, N, c):
             cc = min(c, N - c0)
             R, T = rbuf[: P * cc].view(P, cc), tbuf[: P * cc].view(P, cc)
-            ea = plan.items_aug(items_c[c0: c0 + cc], ebuf)
+            ea = e_aug[c0: c0 + cc]
             for k in range(K):
                 plan.step(R, mats, ea, k)
                 torch.exp(R, out=T)
@@ -183,12 +182,12 @@ class _MatryoshkaCE(torch.autograd.Function):
         grad_h = hidden.new_zeros(P, d) if need_h else None
         grad_et = hidden.new_empty(d, N) if need_e else None  # transposed: row blocks contiguous
         rbuf, sbuf = hidden.new_empty(P * c), hidden.new_empty(K * P * c)
-        ebuf = hidden.new_empty(c * plan.width_aug)
+        e_aug = plan.items_aug(items_c)
         for c0 in range(0, N, c):
             cc = min(c, N - c0)
             R, S = rbuf[: P * cc].view(P, cc), sbuf[: K * P * cc].view(K, P, cc)
             e_chunk = items_c[c0: c0 + cc]
-            ea = plan.items_aug(e_chunk, ebuf)
+            ea = e_aug[c0: c0 + cc]
             for k in range(K):
                 plan.step(R, mats, ea, k)
                 torch.exp(R, out=S[k])  # A_k = |w_k| softmax_k on this chunk

@@ -1,0 +1,149 @@
+"""Fused chunked Matryoshka cross-entropy == materialising reference (values and gradients)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from recbole_fmrl.model import loss as L
+from recbole_fmrl.model.loss import (
+    _MatryoshkaCE,
+    matryoshka_cross_entropy,
+    matryoshka_cross_entropy_reference,
+)
+
+
+def _inputs(P, N, d, dtype, scale=1.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = (torch.randn(P, d, generator=g, dtype=dtype) * scale).requires_grad_()
+    items = (torch.randn(N, d, generator=g, dtype=dtype) * scale).requires_grad_()
+    labels = torch.randint(0, N, (P,), generator=g)
+    return hidden, items, labels
+
+
+def _value_and_grads(fn, hidden, items, weights):
+    out = fn()
+    grads = torch.autograd.grad((out * weights).sum(), [hidden, items])
+    return out.detach(), grads
+
+
+CASES = [  # P, N, sizes, chunk
+    (37, 101, [4, 8, 16], 16),      # N not divisible by chunk
+    (37, 101, [4, 8, 16], 101),     # one exact chunk
+    (37, 101, [4, 8, 16], 1000),    # chunk > N
+    (50, 333, [2, 6, 32, 64], 64),
+    (50, 333, [2, 6, 32, 64], 7),
+    (20, 50, [16], 7),              # K = 1
+    (1, 9, [1, 3], 2),
+]
+
+
+@pytest.mark.parametrize("P,N,sizes,chunk", CASES)
+def test_fused_matches_reference_float64(P, N, sizes, chunk):
+    hidden, items, labels = _inputs(P, N, sizes[-1], torch.float64, scale=0.7)
+    w = torch.randn(len(sizes), dtype=torch.float64)  # arbitrary upstream weights, signs included
+    ref, gref = _value_and_grads(
+        lambda: matryoshka_cross_entropy_reference(hidden, items, labels, sizes), hidden, items, w)
+    out, gout = _value_and_grads(
+        lambda: matryoshka_cross_entropy(hidden, items, labels, sizes, chunk), hidden, items, w)
+    assert out.shape == (len(sizes),)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gout[0], gref[0], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(gout[1], gref[1], rtol=1e-10, atol=1e-12)
+
+
+def test_k1_equals_plain_cross_entropy():
+    hidden, items, labels = _inputs(40, 77, 12, torch.float64)
+    out = matryoshka_cross_entropy(hidden, items, labels, [12], 10)
+    gh, ge = torch.autograd.grad(out.sum(), [hidden, items])
+    plain = F.cross_entropy(hidden @ items.T, labels)
+    ph, pe = torch.autograd.grad(plain, [hidden, items])
+    torch.testing.assert_close(out[0], plain, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gh, ph, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(ge, pe, rtol=1e-10, atol=1e-12)
+
+
+def test_zero_and_negative_weights():
+    hidden, items, labels = _inputs(30, 90, 16, torch.float64)
+    sizes = [4, 8, 16]
+    for w in ([0.0, 1.0, 0.0], [1.0, -2.0, 0.5], [0.0, 0.0, 0.0]):
+        w = torch.tensor(w, dtype=torch.float64)
+        _, gref = _value_and_grads(
+            lambda: matryoshka_cross_entropy_reference(hidden, items, labels, sizes), hidden, items, w)
+        _, gout = _value_and_grads(
+            lambda: matryoshka_cross_entropy(hidden, items, labels, sizes, 32), hidden, items, w)
+        torch.testing.assert_close(gout[0], gref[0], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(gout[1], gref[1], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("scale", [4.0, 12.0])
+def test_large_logits_overflow_guard(scale):
+    """Logits far above the label logit trigger the max-shift recomputation; still exact."""
+    hidden, items, labels = _inputs(25, 200, 16, torch.float32, scale=scale, seed=3)
+    sizes = [8, 16]
+    w = torch.tensor([0.3, 1.0])
+    hd, it = hidden.detach().double().requires_grad_(), items.detach().double().requires_grad_()
+    ref, gref = _value_and_grads(
+        lambda: matryoshka_cross_entropy_reference(hd, it, labels, sizes), hd, it, w.double())
+    out, gout = _value_and_grads(
+        lambda: matryoshka_cross_entropy(hidden, items, labels, sizes, 64), hidden, items, w)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(gout[0].double(), gref[0], rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(gout[1].double(), gref[1], rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("chunk", [0, 96, 500])
+def test_float32_close(chunk):
+    hidden, items, labels = _inputs(64, 500, 32, torch.float32, scale=0.5, seed=1)
+    sizes = [4, 8, 16, 32]
+    w = torch.rand(len(sizes)) + 0.1
+    ref, gref = _value_and_grads(
+        lambda: matryoshka_cross_entropy_reference(hidden, items, labels, sizes), hidden, items, w)
+    out, gout = _value_and_grads(
+        lambda: matryoshka_cross_entropy(hidden, items, labels, sizes, chunk), hidden, items, w)
+    assert out.dtype == torch.float32 and gout[0].dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gout[0], gref[0], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(gout[1], gref[1], rtol=1e-4, atol=1e-6)
+
+
+def test_auto_chunk_uses_fused_path_for_large_inputs(monkeypatch):
+    calls = []
+    orig = _MatryoshkaCE.apply
+    monkeypatch.setattr(_MatryoshkaCE, "apply", lambda *a: calls.append(a[4]) or orig(*a))
+    hidden, items, labels = _inputs(8, 10, 8, torch.float32)
+    matryoshka_cross_entropy(hidden, items, labels, [4, 8])  # tiny: plain reference path
+    assert calls == []
+    monkeypatch.setattr(L, "AUTO_PLAIN_BELOW", 0)
+    matryoshka_cross_entropy(hidden, items, labels, [4, 8])
+    assert len(calls) == 1 and calls[0] >= 1
+
+
+def test_only_inputs_and_lse_are_saved():
+    """No [K, P, N] (or [P, N]) intermediate is kept for backward."""
+    P, N, sizes = 30, 400, [4, 8, 16]
+    hidden, items, labels = _inputs(P, N, 16, torch.float32)
+    out = matryoshka_cross_entropy(hidden, items, labels, sizes, 64)
+    saved = out.grad_fn.saved_tensors
+    assert sum(t.numel() for t in saved) <= hidden.numel() + items.numel() + P + len(sizes) * P
+    assert all(t.numel() < P * N for t in saved)
+
+
+def test_only_hidden_or_only_items_requires_grad():
+    hidden, items, labels = _inputs(20, 60, 8, torch.float64)
+    sizes = [2, 8]
+    ref = matryoshka_cross_entropy_reference(hidden, items, labels, sizes).sum()
+    gh_ref, ge_ref = torch.autograd.grad(ref, [hidden, items])
+    h2 = hidden.detach().requires_grad_()
+    out = matryoshka_cross_entropy(h2, items.detach(), labels, sizes, 16).sum()
+    torch.testing.assert_close(torch.autograd.grad(out, h2)[0], gh_ref)
+    e2 = items.detach().requires_grad_()
+    out = matryoshka_cross_entropy(hidden.detach(), e2, labels, sizes, 16).sum()
+    torch.testing.assert_close(torch.autograd.grad(out, e2)[0], ge_ref)
+
+
+def test_bad_sizes_rejected():
+    hidden, items, labels = _inputs(4, 10, 8, torch.float32)
+    with pytest.raises(ValueError):
+        matryoshka_cross_entropy(hidden, items, labels, [4, 6])
+    with pytest.raises(ValueError):
+        matryoshka_cross_entropy(hidden, items, labels, [8, 4, 8])
