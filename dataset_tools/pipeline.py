@@ -252,7 +252,8 @@ def convert(source: SourceData, options: ConvertOptions, report: Report) -> dict
     meta = {
         "meta_version": META_VERSION,
         "name": options.name,
-        "source": {"format": source.kind, "inputs": [str(p) for p in source.input_files], **source.details},
+        "source": {"format": source.kind, "inputs": [_input_entry(p) for p in source.input_files],
+                   **source.details},
         "options": _options_dict(options, fields),
         "filters": steps,
         "stats": stats,
@@ -264,6 +265,12 @@ def convert(source: SourceData, options: ConvertOptions, report: Report) -> dict
     }
     atomic_io.write_json(folder / "meta.json", meta)
     return meta
+
+
+def _input_entry(path: Path) -> dict:
+    """Provenance of one input file; hashing even multi-GB dumps costs seconds, once per run."""
+    path = Path(path)
+    return {"path": str(path), "bytes": path.stat().st_size, "sha256": features.sha256_file(path)}
 
 
 def _options_dict(options: ConvertOptions, fields) -> dict:
