@@ -5,6 +5,7 @@ from torch.nn import functional as F
 
 from recbole_fmrl import checkpoint
 from recbole_fmrl.data import features as feature_files
+from recbole_fmrl.model.lru import Packing
 from recbole_fmrl.quick_start import prepare, run
 from tests.conftest import write_tiny_dataset
 
@@ -41,20 +42,26 @@ def test_loss_with_one_size_equals_plain_cross_entropy(tiny_config):
                             hidden_dropout_prob=0.0, attn_dropout_prob=0.0)
     batch = next(iter(data[0]))
     (loss,) = net.calculate_loss(batch)
-    hidden = net.gather_indexes(net.forward(batch["item_id_list"]), batch["item_length"] - 1)
+    hidden = net.forward(batch["item_id_list"], batch["item_length"])
     table = net.item_encoder()
     ref = F.cross_entropy(hidden @ table[1:].T, batch["item_id"] - 1)
     torch.testing.assert_close(loss, ref)
 
 
-def test_all_positions_loss_averages_over_labelled_positions(tiny_config):
+@pytest.mark.parametrize("scan", ["dense", "doubling"])
+def test_all_positions_loss_averages_over_labelled_positions(tiny_config, scan):
     _, net, _, data = build(tiny_config, hidden_dropout_prob=0.0, attn_dropout_prob=0.0,
-                            fmrl_size_weights=[1.0, 3.0])
+                            fmrl_size_weights=[1.0, 3.0], fmrl_scan=scan)
     batch = next(iter(data[0]))
     losses = net.calculate_loss(batch)
-    out, table = net.forward(batch["item_id_list"]), net.item_encoder()
+    table = net.item_encoder()
     targets = batch["item_id_target_list"]
     mask = targets > 0
+    # reference: the dense [B L d] path, every padded slot computed, then the labelled ones picked
+    x = table[batch["item_id_list"]]
+    for block in net.blocks:
+        x = block(x.flatten(0, 1), Packing.full(*x.shape[:2])).view(x.shape)
+    out = x
     for k, m in enumerate(net.sizes):
         logits = out[mask][:, :m] @ table[1:, :m].T
         ref = F.cross_entropy(logits, targets[mask] - 1) * [0.25, 0.75][k]

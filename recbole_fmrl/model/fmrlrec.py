@@ -20,7 +20,7 @@ from torch.nn import functional as F
 
 from recbole_fmrl.model.fusion import FeatureFusion, IdEmbedding, modality_parts
 from recbole_fmrl.model.loss import matryoshka_cross_entropy, matryoshka_logits
-from recbole_fmrl.model.lru import LRULayer
+from recbole_fmrl.model.lru import LRULayer, Packing
 from recbole_fmrl.model.nested import NestedLayerNorm, NestedLinear, check_sizes, default_sizes
 
 
@@ -38,8 +38,8 @@ class FMRLBlock(nn.Module):
         self.w2 = NestedLinear(inner, sizes)  # down-scale r*d -> d
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x):  # [B L d]
-        h = x + self.lru(self.ln1(x))
+    def forward(self, x, packing):  # [V d] real tokens
+        h = x + self.lru(self.ln1(x), packing)
         z = self.ln2(h)
         return h + self.dropout(self.w2(F.silu(self.gate(z)) * self.dropout(self.w1(z))))
 
@@ -94,30 +94,35 @@ class FMRLRec(SequentialRecommender):
             self._table_cache = self.item_encoder().detach()
         return self._table_cache
 
-    def forward(self, item_seq, table=None):  # [B L] -> [B L d]
-        x = self.item_encoder(item_seq) if table is None else table[item_seq]
+    def encode(self, item_seq, item_seq_len, table=None):
+        """Final hidden states of the real tokens [V d] and their Packing (padding is skipped)."""
+        packing = Packing(item_seq_len)
+        ids = item_seq[:, : packing.length].flatten()[packing.index]  # [V]
+        x = self.item_encoder(ids) if table is None else table[ids]
         x = self.input_dropout(x)
         for block in self.blocks:
-            x = block(x)
-        return x
+            x = block(x, packing)
+        return x, packing
+
+    def forward(self, item_seq, item_seq_len, table=None):  # [B L] -> [B d], the last state
+        x, packing = self.encode(item_seq, item_seq_len, table)
+        return x[packing.last]
 
     def calculate_loss(self, interaction):
-        item_seq = interaction[self.ITEM_SEQ]  # [B L]
+        item_seq, item_seq_len = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]  # [B L], [B]
         table = self.item_table()  # [N+1 d], once for inputs and outputs of every size
-        out = self.forward(item_seq, table)  # [B L d]
+        x, packing = self.encode(item_seq, item_seq_len, table)  # [V d]
         if self.target_list_field is not None and self.target_list_field in interaction:
-            targets = interaction[self.target_list_field]  # [B L], 0 = no label
+            targets = interaction[self.target_list_field][:, : packing.length].flatten()[packing.index]  # [V]
             labelled = targets > 0
-            hidden, labels = out[labelled], targets[labelled]  # [P d], [P]
+            hidden, labels = x[labelled], targets[labelled]  # [P d], [P]
         else:
-            hidden = self.gather_indexes(out, interaction[self.ITEM_SEQ_LEN] - 1)  # [B d]
-            labels = interaction[self.POS_ITEM_ID]
+            hidden, labels = x[packing.last], interaction[self.POS_ITEM_ID]  # [B d], [B]
         per_size = matryoshka_cross_entropy(hidden, table[1:], labels - 1, self.sizes, self.loss_chunk_size)
         return tuple(per_size * self.size_weights)  # RecBole sums them and logs each size
 
     def _last_hidden(self, interaction):
-        out = self.forward(interaction[self.ITEM_SEQ], self.item_table())
-        return self.gather_indexes(out, interaction[self.ITEM_SEQ_LEN] - 1)  # [B d]
+        return self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN], self.item_table())  # [B d]
 
     def predict(self, interaction):
         hidden = self._last_hidden(interaction)
