@@ -45,7 +45,7 @@ def run(model="FMRLRec", dataset="ml-100k", config_file_list=None, config_dict=N
     best_valid_score, best_valid_result = trainer.fit(
         train_data, valid_data, saved=saved, show_progress=config["show_progress"])
     train_seconds = time.perf_counter() - start
-    epochs_run = max(1, trainer.start_epoch if not saved else len(trainer.train_loss_dict))
+    epochs_run = max(1, len(trainer.train_loss_dict))
     valid_result = trainer.evaluate(valid_data, load_best_model=saved, show_progress=config["show_progress"])
     valid_sizes = trainer.size_results
     test_result = trainer.evaluate(test_data, load_best_model=False, show_progress=config["show_progress"])
