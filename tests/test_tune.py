@@ -1,0 +1,220 @@
+"""Ray Tune searches: space files, the per-trial loop (exact resume), the dataset cache, GPU handling,
+and one small Ray grid on the tiny dataset (per-epoch reports, a failing trial, best.yaml reproduces)."""
+import json
+import math
+import os
+import shutil
+
+import pytest
+import torch
+import yaml
+
+from recbole_fmrl import tune as fmrl_tune
+from recbole_fmrl.quick_start import run
+
+TINY = {"hidden_size": 16, "fmrl_sizes": [8, 16], "epochs": 3, "stopping_step": 10, "train_batch_size": 16,
+        "eval_batch_size": 64, "state": "INFO", "topk": [5, 10, 20], "MAX_ITEM_LIST_LENGTH": 20, "seed": 7,
+        "learning_rate": 0.003}
+
+
+def tiny_fixed(root, tmp, *searched):
+    fixed = {**TINY, "data_path": str(root), "fmrl_cache_dir": str(tmp / "cache"), "use_gpu": False}
+    return {k: v for k, v in fixed.items() if k not in searched}
+
+
+def write_space(path, fixed, space, derived=None, **top):
+    path.write_text(yaml.safe_dump({"model": "FMRLRec", "search": "grid", "scheduler": "fifo", **top,
+                                    "fixed": fixed, "space": space, "derived": derived or {}}))
+    return path
+
+
+# ----------------------------------------------------------------------------- spaces (no Ray, no training)
+
+@pytest.mark.parametrize("name", ["fmrlrec-paper", "fmrlrec-random-asha", "fmrlrec-cpu", "sasrec-cpu", "sasrec-paper"])
+def test_shipped_spaces_load(name):
+    job = fmrl_tune.build_job(name, "ml-100k")
+    params = fmrl_tune.ray_param_space(job["space"], job["search"])
+    assert set(params) == set(job["space"])
+    assert os.path.isabs(job["storage_path"])
+
+
+def test_paper_grid_is_the_papers():
+    job = fmrl_tune.build_job("fmrlrec-paper", "ml-100k")
+    assert fmrl_tune.grid_points(job["space"], job["search"]) == 6 * 4 * 8 * 3 * 6 * 2
+    assert fmrl_tune.expand_range(job["space"]["hidden_dropout_prob"]["range"]) == [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
+    assert fmrl_tune.expand_range(job["space"]["fmrl_ring_r_min"]["range"]) == [0.0, 0.1, 0.2, 0.3, 0.4, 0.5]
+    cfg = fmrl_tune.trial_config_dict(job, {"fmrl_ring_r_min": 0.2, "hidden_dropout_prob": 0.3})
+    assert cfg["fmrl_ring_r_max"] == 0.3 and cfg["attn_dropout_prob"] == 0.3
+    # pinning on the command line takes a key out of the search
+    pinned = fmrl_tune.build_job("fmrlrec-paper", "ml-100k", overrides={"hidden_size": "256", "n_layers": "2"})
+    assert pinned["pinned"] == ["hidden_size", "n_layers"] and "hidden_size" not in pinned["space"]
+    assert pinned["base"]["hidden_size"] == 256
+    assert fmrl_tune.grid_points(pinned["space"], "grid") == 8 * 3 * 6 * 2
+
+
+def test_space_errors(tmp_path):
+    with pytest.raises(ValueError, match="cannot be searched"):
+        fmrl_tune.build_job(str(write_space(tmp_path / "a.yaml", {}, {"valid_metric": ["NDCG@10"]})), "tiny")
+    with pytest.raises(ValueError, match="expected a list"):
+        fmrl_tune.build_job(str(write_space(tmp_path / "b.yaml", {}, {"hidden_size": {"normal": [1, 2]}})), "tiny")
+    with pytest.raises(ValueError, match="only numbers"):
+        fmrl_tune.evaluate_expression("__import__('os').getcwd()", {})
+    assert fmrl_tune.evaluate_expression("max(a * 2, 3) - 0.5", {"a": 4}) == 7.5
+
+
+# ----------------------------------------------------------------------------- one trial without Ray
+
+def _job(tiny_root, tmp_path, **fixed):
+    space = write_space(tmp_path / "space.yaml", {**tiny_fixed(tiny_root, tmp_path, "hidden_size"), **fixed},
+                        {"hidden_size": [16]})
+    return fmrl_tune.build_job(str(space), "tiny", storage_path=str(tmp_path / "tune"))
+
+
+def test_resumed_trial_continues_exactly(tiny_root, tmp_path):
+    torch.set_num_threads(1)
+    job = _job(tiny_root, tmp_path, epochs=4)
+    full = []
+    fmrl_tune.train_trial(job, {"hidden_size": 16}, tmp_path / "full", lambda m, f: full.append(m))
+    assert [m["epoch"] for m in full] == [0, 1, 2, 3] and full[-1]["finished"] == "max_epochs"
+
+    saved, seen = tmp_path / "saved-ckpt", []
+
+    def interrupted(metrics, folder):
+        seen.append(metrics)
+        shutil.copytree(folder, saved, dirs_exist_ok=True)  # what Ray does with a reported checkpoint
+        if metrics["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fmrl_tune.train_trial(job, {"hidden_size": 16}, tmp_path / "cut", interrupted)
+    rest = []
+    fmrl_tune.train_trial(job, {"hidden_size": 16}, tmp_path / "cut", lambda m, f: rest.append(m), resume_dir=saved)
+    assert [m["epoch"] for m in rest] == [2, 3]
+    for a, b in zip(full, seen + rest):
+        assert a["train_loss"] == b["train_loss"] and a["valid_score"] == b["valid_score"]
+        assert a["best_valid_score"] == b["best_valid_score"] and a["best_epoch"] == b["best_epoch"]
+
+
+def test_dataset_loaded_once_per_worker(tiny_root, tmp_path, monkeypatch):
+    import recbole_fmrl.registry as registry
+
+    loads = []
+    original = registry.create_dataset
+    monkeypatch.setattr(registry, "create_dataset", lambda config: loads.append(1) or original(config))
+    fmrl_tune._DATASETS.clear()
+    job = _job(tiny_root, tmp_path, epochs=1)
+    nets = []
+    for hidden in (8, 16):
+        cfg = fmrl_tune.trial_config_dict(job, {"hidden_size": hidden, "fmrl_sizes": [hidden]})
+        cfg["fmrl_output_dir"] = str(tmp_path / f"h{hidden}")
+        _, net, _, (train, _, _) = fmrl_tune.build_run("FMRLRec", "tiny", cfg, log=False)
+        nets.append(train._dataset)
+    assert len(loads) == 1 and len(fmrl_tune._DATASETS) == 1
+    loaded = next(iter(fmrl_tune._DATASETS.values()))
+    assert nets[0]._feature_cache is nets[1]._feature_cache is loaded._feature_cache  # features read once
+    assert nets[0]._feature_cache  # and really loaded
+    # a different dataset configuration is a different cache entry
+    cfg = dict(fmrl_tune.trial_config_dict(job, {"hidden_size": 16}), MAX_ITEM_LIST_LENGTH=10,
+               fmrl_output_dir=str(tmp_path / "l10"))
+    fmrl_tune.build_run("FMRLRec", "tiny", cfg, log=False)
+    assert len(loads) == 2
+
+
+def test_recbole_gpu_id_cannot_override_ray_gpu(tiny_root, tmp_path, monkeypatch):
+    import ray
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    monkeypatch.setattr(ray, "get_gpu_ids", lambda: [3])
+    assert fmrl_tune.ray_device_overrides() == {"gpu_id": "3", "use_gpu": True}
+    config = fmrl_tune.make_config("FMRLRec", "tiny", {**tiny_fixed(tiny_root, tmp_path), "gpu_id": 0})
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "3"  # RecBole's gpu_id=0 did not leak out
+    monkeypatch.setattr(ray, "get_gpu_ids", lambda: [])
+    assert fmrl_tune.ray_device_overrides() == {"gpu_id": "", "use_gpu": False}
+    config = fmrl_tune.make_config("FMRLRec", "tiny", {**tiny_fixed(tiny_root, tmp_path), "gpu_id": "", "use_gpu": False})
+    assert config["device"] == torch.device("cpu") and os.environ["CUDA_VISIBLE_DEVICES"] == "3"
+
+
+# ----------------------------------------------------------------------------- Ray end to end
+
+@pytest.fixture(scope="module")
+def ray_session():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def search(ray_session, tiny_root, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("tune")
+    space = write_space(tmp / "space.yaml", tiny_fixed(tiny_root, tmp, "learning_rate"),
+                        # -1 is not a learning rate: that trial fails (twice: one retry) and the search goes on
+                        {"learning_rate": [0.003, 0.01, -1.0]}, {"attn_dropout_prob": "hidden_dropout_prob / 2"})
+    job = fmrl_tune.build_job(str(space), "tiny", storage_path=str(tmp / "tune"), name="tiny-grid", max_failures=1)
+    summary = fmrl_tune.run_search(job, verbose=0)
+    return job, summary, tmp
+
+
+def test_grid_trials_finish_and_report_every_epoch(search):
+    job, summary, _ = search
+    rows = summary["rows"]
+    assert len(rows) == 3
+    done = [r for r in rows if r["status"] == "TERMINATED"]
+    assert len(done) == 2 and all(r["end"] == "max_epochs" for r in done)
+    for result in summary["result_grid"]:
+        if result.error is None:
+            history = result.metrics_dataframe
+            assert list(history["epoch"]) == [0, 1, 2]  # one report per epoch
+            assert list(history["training_iteration"]) == [1, 2, 3]
+            assert history["best_valid_score"].is_monotonic_increasing
+            assert {"valid/ndcg@10", "valid/recall@10", "valid_size/8", "valid_size/16"} <= set(history.columns)
+            assert os.path.isdir(os.path.join(result.path, "fmrl", "log", "FMRLRec"))  # per-trial output folder
+            assert os.path.isfile(os.path.join(result.path, "fmrl", "saved", "best.pth"))
+
+
+def test_failing_trial_does_not_stop_the_search(search):
+    job, summary, _ = search
+    failed = [r for r in summary["rows"] if r["status"] == "ERROR"]
+    assert len(failed) == 1 and failed[0]["learning_rate"] == -1.0
+    assert "learning rate" in failed[0]["error"].lower()
+    assert failed[0]["rank"] == 3  # errors sort last
+    md = open(summary["results_md"]).read()
+    assert "error:" in md and "valid ndcg@10" in md
+
+
+def test_selection_on_validation_and_outputs(search):
+    job, summary, _ = search
+    rows, selected = summary["rows"], summary["selected"]
+    scores = [r["best_valid_score"] for r in rows if r["status"] == "TERMINATED"]
+    assert scores == sorted(scores, reverse=True)
+    assert selected["trial_id"] == rows[0]["trial_id"]
+    # the best checkpoint re-evaluated after the search gives the reported validation score; test kept apart
+    assert selected["valid"]["ndcg@10"] == pytest.approx(selected["reported_valid_score"], abs=1e-9)
+    assert set(selected["test"]) == set(selected["valid"]) and set(selected["size_results"]) == {"8", "16"}
+    with open(summary["results_csv"]) as f:
+        header = f.readline().strip().split(",")
+    assert header[:4] == ["rank", "trial_id", "status", "end"] and "learning_rate" in header
+    assert "test" not in " ".join(header)
+
+
+def test_best_yaml_reproduces_the_validation_score(search):
+    job, summary, tmp = search
+    best = yaml.safe_load(open(summary["best_yaml"]))
+    assert best["learning_rate"] == summary["selected"]["params"]["learning_rate"]
+    assert best["attn_dropout_prob"] == best["hidden_dropout_prob"] / 2  # derived keys are written out
+    assert not set(fmrl_tune.TRIAL_KEYS) & set(best)
+    torch.set_num_threads(1)  # as the trial (1 CPU)
+    rerun = run(model=best["model"], dataset=best["dataset"], config_file_list=[summary["best_yaml"]],
+                config_dict={"fmrl_output_dir": str(tmp / "rerun"), "show_progress": False}, log=False)
+    assert rerun["best_valid_score"] == summary["selected"]["reported_valid_score"]
+    assert rerun["test_result"]["ndcg@10"] == pytest.approx(summary["selected"]["test"]["ndcg@10"], abs=1e-9)
+
+
+def test_rerunning_resumes_the_finished_search(search):
+    job, summary, _ = search
+    again = fmrl_tune.run_search(job, verbose=0, evaluate_test=False)  # restores: nothing is retrained
+    assert [(r["trial_id"], r["best_valid_score"]) for r in again["rows"]][:2] == \
+           [(r["trial_id"], r["best_valid_score"]) for r in summary["rows"]][:2]
+    assert json.loads(open(os.path.join(summary["experiment_dir"], fmrl_tune.JOB_FILE)).read())["name"] == "tiny-grid"
+    assert math.isfinite(again["rows"][0]["best_valid_score"])
