@@ -1,0 +1,316 @@
+"""Report of ``run_benchmark.py``: results/<dataset>.md, .csv, -sizes.csv and -sizes.png from run JSONs."""
+import csv
+import fnmatch
+import json
+import math
+import statistics
+from collections import OrderedDict
+from pathlib import Path
+
+METRICS = ["ndcg@5", "recall@5", "ndcg@10", "recall@10", "ndcg@20", "recall@20", "ndcg@50", "recall@50"]
+TABLE_METRICS = ["ndcg@5", "recall@5", "ndcg@10", "recall@10"]
+SHORT = {"ndcg@5": "N@5", "recall@5": "R@5", "ndcg@10": "N@10", "recall@10": "R@10", "ndcg@20": "N@20",
+         "recall@20": "R@20", "ndcg@50": "N@50", "recall@50": "R@50"}
+
+
+def load_runs(results_dir, dataset):
+    """{tag: {row: {"runs": [ok results], "unavailable": reason, "failed": [failures]}}}."""
+    base = Path(results_dir) / dataset / "runs"
+    out = OrderedDict()
+    if not base.is_dir():
+        return out
+    for tag_dir in sorted(p for p in base.iterdir() if p.is_dir()):
+        rows = out.setdefault(tag_dir.name, OrderedDict())
+        for row_dir in sorted(p for p in tag_dir.iterdir() if p.is_dir()):
+            entry = rows.setdefault(row_dir.name, {"runs": [], "unavailable": None, "failed": []})
+            for path in sorted(row_dir.glob("*.json")):
+                try:
+                    data = json.loads(path.read_text())
+                except ValueError:
+                    continue
+                if data.get("status") == "ok":
+                    entry["runs"].append(data)
+                elif data.get("status") == "unavailable":
+                    entry["unavailable"] = data.get("reason")
+                elif data.get("status") == "failed":
+                    entry["failed"].append(data)
+            entry["runs"].sort(key=lambda r: r["seed"])
+    return out
+
+
+def mean_std(values):
+    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not values:
+        return None, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def fmt_metric(mean, std):
+    if mean is None:
+        return ""
+    return f"{mean:.4f}" if std is None else f"{mean:.4f} ± {std:.4f}"
+
+
+def fmt_seconds(s):
+    if s is None:
+        return ""
+    if s < 120:
+        return f"{s:.1f} s"
+    if s < 7200:
+        return f"{s / 60:.1f} min"
+    return f"{s / 3600:.2f} h"
+
+
+def fmt_params(n):
+    if n is None:
+        return ""
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.0f}k"
+
+
+def settings_text(run):
+    """A short description of the row's size and training signal."""
+    r, cfg = run.get("resolved") or {}, run.get("config") or {}
+    parts = []
+    d = r.get("hidden_size")
+    if run["model"] == "GRU4Rec":
+        parts.append(f"emb {r.get('embedding_size')}, GRU {d} x{r.get('num_layers')}")
+    elif d is not None:
+        parts.append(f"d={d}")
+    if run["model"] != "GRU4Rec" and r.get("n_layers") is not None:
+        parts.append(f"{r['n_layers']} blk")
+    if run["model"] == "FMRLRec":
+        parts.append(f"sizes {r.get('fmrl_sizes') or '8..d'}")
+    objective = r.get("fmrl_train_objective") if run["model"] in ("FMRLRec", "LRURec", "FMLPRec") else None
+    parts.append("all-pos windows" if objective == "all_positions" else "prefix samples")
+    drop = r.get("hidden_dropout_prob", r.get("dropout_prob"))
+    if drop is not None:
+        parts.append(f"drop {drop}")
+    parts.append(f"{r.get('learner', cfg.get('learner', 'adam'))} lr {r.get('learning_rate')} bs {r.get('train_batch_size')}")
+    return ", ".join(parts)
+
+
+def row_summary(tag, row, spec, entry, paper, not_run_reason):
+    runs = entry["runs"] if entry else []
+    out = OrderedDict(tag=tag, row=row, model=spec["model"], group=spec.get("group", ""),
+                      paper_name=spec.get("paper_name", ""), status="", reason="", seeds="", n_seeds=len(runs))
+    for split in ("test", "valid"):
+        for m in METRICS:
+            mean, std = mean_std([r[split].get(m) for r in runs])
+            out[f"{split}_{m}"], out[f"{split}_{m}_std"] = mean, std
+    out["paper_ndcg@10"] = (paper or {}).get("ndcg@10")
+    out["paper_recall@10"] = (paper or {}).get("recall@10")
+    if runs:
+        out["status"] = "ok"
+        out["seeds"] = " ".join(str(r["seed"]) for r in runs)
+        out["params"] = runs[0]["params"]
+        out["epochs"] = mean_std([r["epochs"] for r in runs])[0]
+        out["best_epoch"] = mean_std([r["best_epoch"] for r in runs])[0]
+        out["max_epochs"] = runs[0].get("max_epochs")
+        out["train_epoch_s"] = mean_std([r["train_epoch_seconds"] for r in runs])[0]
+        out["valid_epoch_s"] = mean_std([r["valid_epoch_seconds"] for r in runs])[0]
+        out["wall_s"] = mean_std([r["wall_seconds"] for r in runs])[0]
+        out["wall_total_s"] = sum(r["wall_seconds"] for r in runs)
+        out["peak_rss_mb"] = max(r["peak_rss_mb"] for r in runs)
+        gpu = [r.get("peak_gpu_mb") for r in runs if r.get("peak_gpu_mb") is not None]
+        out["peak_gpu_mb"] = max(gpu) if gpu else None
+        out["stopped_by"] = "; ".join(sorted({r["stopped_by"] for r in runs}))
+        out["settings"] = settings_text(runs[0])
+        out["isolated"] = all(r.get("isolated") for r in runs)
+        out["device"] = runs[0]["env"].get("device")
+        out["cpu"] = runs[0]["env"].get("cpu")
+        out["gpu"] = runs[0]["env"].get("gpu")
+    elif entry and entry.get("unavailable"):
+        out["status"], out["reason"] = "cannot run", entry["unavailable"]
+    elif entry and entry.get("failed"):
+        out["status"], out["reason"] = "failed", entry["failed"][-1].get("error", "")
+    else:
+        out["status"], out["reason"] = "not run", not_run_reason or "not run yet"
+    return out
+
+
+def _pattern_value(mapping, row):
+    for pattern, value in (mapping or {}).items():
+        if fnmatch.fnmatchcase(row, pattern):
+            return value
+    return None
+
+
+def summaries(dataset, results_dir, settings):
+    runs = load_runs(results_dir, dataset)
+    ds = settings["dataset"]
+    tags = list(runs) or ["cpu"]
+    table = []
+    for tag in tags:
+        for row, spec in settings["rows"].items():
+            table.append(row_summary(tag, row, spec, runs.get(tag, {}).get(row), (ds.get("paper") or {}).get(row),
+                                     _pattern_value(ds.get("not_run"), row)))
+    return runs, table
+
+
+def size_series(runs, settings):
+    """{tag: (row, [(size, params, {test metric: mean})])} for the Figure 3 row of every tag."""
+    out = OrderedDict()
+    order = [r for r, s in settings["rows"].items() if s.get("sizes_plot") is True] + \
+            [r for r, s in settings["rows"].items() if s.get("sizes_plot") == "fallback"]
+    for tag, rows in runs.items():
+        for row in order:
+            done = [r for r in rows.get(row, {}).get("runs", []) if r.get("size_results")]
+            if not done:
+                continue
+            sizes = sorted(done[0]["size_results"], key=int)
+            series = []
+            for m in sizes:
+                metrics = {}
+                for split in ("test", "valid"):
+                    for k in METRICS:
+                        metrics[f"{split}_{k}"], metrics[f"{split}_{k}_std"] = mean_std(
+                            [r["size_results"][m][split].get(k) for r in done])
+                series.append((int(m), done[0]["size_results"][m]["params"], metrics))
+            out[tag] = (row, len(done), series)
+            break
+    return out
+
+
+def plot_sizes(path, dataset, series_by_tag):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for tag, (row, n, series) in series_by_tag.items():
+        sizes = [s for s, _, _ in series]
+        for ax, family, ks in ((axes[0], "recall", (10, 20, 50)), (axes[1], "ndcg", (10, 20, 50))):
+            for k in ks:
+                ax.plot(sizes, [m[f"test_{family}@{k}"] for _, _, m in series], marker="o",
+                        label=f"{family.upper() if family == 'ndcg' else 'Recall'}@{k} ({row}, {tag})")
+    for ax, name in ((axes[0], "Recall"), (axes[1], "NDCG")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("Matryoshka size m (dims of one trained model)")
+        ax.set_ylabel(f"test {name}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{dataset}: every size from one FMRLRec training (paper Figure 3)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_csv(path, rows):
+    keys = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=keys)
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in keys})
+
+
+def environments(runs):
+    seen = OrderedDict()
+    for tag, rows in runs.items():
+        for entry in rows.values():
+            for r in entry["runs"]:
+                env = r["env"]
+                key = (tag, env.get("cpu"), env.get("gpu"), env.get("torch"), env.get("recbole"))
+                seen.setdefault(key, {"tag": tag, **env, "commits": set(), "load": []})
+                seen[key]["commits"].add(env.get("git_commit", "") + ("+dirty" if env.get("git_dirty") else ""))
+                seen[key]["load"] += [r["loadavg_start"][0], r["loadavg_end"][0]]
+    return list(seen.values())
+
+
+def markdown(dataset, settings, runs, table, series, sizes_png):
+    ds = settings["dataset"]
+    lines = [f"# {ds.get('title', dataset)}: side-by-side benchmark", ""]
+    if ds.get("description"):
+        lines += [ds["description"].strip(), ""]
+    lines += [
+        "Protocol (every row): leave-one-out split by time (last item test, second-to-last validation), "
+        "full ranking over all items, history items **not** masked, Recall and NDCG at 5/10 (20/50 in the CSV), "
+        "window 50, full-softmax cross-entropy, early stopping on validation NDCG@10 (patience 10), test at the "
+        "best validation checkpoint. Metrics are means over seeds ± sample standard deviation (one seed: no ±). "
+        "Settings: `properties/benchmark/` (rows.yaml, common.yaml, "
+        f"{Path(settings['dataset_file']).name if settings.get('dataset_file') else 'no dataset file'}) over each "
+        "model's own YAML. *s/epoch* is training time per epoch (validation in brackets); *wall* is one seed's "
+        "whole run (data loading, training, validation, test); *peak RSS* is the run's own process "
+        "(one subprocess per seed).", ""]
+    commands = sorted({r["command"] for rows in runs.values() for e in rows.values() for r in e["runs"]})
+    if commands:
+        lines += ["Commands that produced these rows (run from the repository root):", "", "```bash"]
+        lines += commands + ["```", ""]
+    for tag in (list(runs) or ["cpu"]):
+        part = [r for r in table if r["tag"] == tag]
+        lines += [f"## Results ({tag})", ""]
+        head = ["group", "row", "settings", "seeds", *[SHORT[m] for m in TABLE_METRICS], "paper N@10", "paper R@10",
+                "params", "epochs (best)", "s/epoch (valid)", "wall / seed", "peak RSS", "note"]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in part:
+            paper = [f"{r['paper_ndcg@10']:.4f}" if r["paper_ndcg@10"] is not None else "",
+                     f"{r['paper_recall@10']:.4f}" if r["paper_recall@10"] is not None else ""]
+            if r["status"] != "ok":
+                cells = [r["group"], f"{r['row']}", "", "", "", "", "", "", *paper, "", "", "", "", "",
+                         f"**{r['status']}**: {r['reason']}"]
+            else:
+                note = [] if r["stopped_by"] == "early stopping" else [f"stopped by {r['stopped_by']}"]
+                if r["epochs"] is not None and r["max_epochs"] and r["stopped_by"] != "early stopping":
+                    note[-1] += f" (cap {r['max_epochs']})"
+                cells = [r["group"], r["row"], r["settings"], str(r["n_seeds"]),
+                         *[fmt_metric(r[f"test_{m}"], r[f"test_{m}_std"]) for m in TABLE_METRICS], *paper,
+                         fmt_params(r["params"]), f"{r['epochs']:.0f} ({r['best_epoch']:.0f})",
+                         f"{r['train_epoch_s']:.1f} ({r['valid_epoch_s']:.1f})", fmt_seconds(r["wall_s"]),
+                         f"{r['peak_rss_mb'] / 1024:.2f} GB" + (f", GPU {r['peak_gpu_mb'] / 1024:.2f} GB"
+                                                                if r.get("peak_gpu_mb") else ""),
+                         "; ".join(note)]
+            lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+        lines.append("")
+        if tag in series:
+            row, n, data = series[tag]
+            lines += [f"### Every size from one training ({row}, {tag}; paper Figure 3)", "",
+                      f"One FMRLRec model ({n} seed{'s' if n > 1 else ''}), best checkpoint chosen on the largest size's "
+                      "validation NDCG@10; each size m uses the first m dims of every layer. Test metrics.", "",
+                      "| size m | params | N@5 | R@5 | N@10 | R@10 | N@20 | R@20 | R@50 |", "|---|---|---|---|---|---|---|---|---|"]
+            for size, params, m in data:
+                lines.append(f"| {size} | {fmt_params(params)} | " + " | ".join(
+                    fmt_metric(m[f"test_{k}"], m[f"test_{k}_std"]) for k in
+                    ("ndcg@5", "recall@5", "ndcg@10", "recall@10", "ndcg@20", "recall@20", "recall@50")) + " |")
+            lines += ["", f"![per-size results]({sizes_png.name})", ""]
+    for note in ds.get("notes") or []:
+        lines.append(f"- {note.strip()}")
+    if ds.get("notes"):
+        lines.append("")
+    envs = environments(runs)
+    if envs:
+        lines += ["## Environment", ""]
+        for env in envs:
+            load = env["load"]
+            lines.append(
+                f"- **{env['tag']}**: {env.get('gpu') or env.get('cpu')} ({env.get('cpu_count')} CPUs, "
+                f"{env.get('memory_gb')} GB RAM, torch threads {env.get('torch_threads')}"
+                + (f", CPU {env.get('cpu')}" if env.get("gpu") else "") + f"); {env.get('os')}; Python "
+                f"{env.get('python')}, torch {env.get('torch')}, RecBole {env.get('recbole')}, numpy {env.get('numpy')}; "
+                f"recbole_fmrl commit {', '.join(sorted(env['commits']))}; 1-min load average during the runs "
+                f"{min(load):.1f}-{max(load):.1f}.")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_report(dataset, results_dir, settings):
+    results_dir = Path(results_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    runs, table = summaries(dataset, results_dir, settings)
+    series = size_series(runs, settings)
+    md_path, csv_path = results_dir / f"{dataset}.md", results_dir / f"{dataset}.csv"
+    sizes_csv, sizes_png = results_dir / f"{dataset}-sizes.csv", results_dir / f"{dataset}-sizes.png"
+    write_csv(csv_path, table)
+    written = [md_path, csv_path]
+    if series:
+        rows = []
+        for tag, (row, n, data) in series.items():
+            for size, params, metrics in data:
+                rows.append(OrderedDict(tag=tag, row=row, seeds=n, size=size, params=params, **metrics))
+        write_csv(sizes_csv, rows)
+        plot_sizes(sizes_png, dataset, series)
+        written += [sizes_csv, sizes_png]
+    md_path.write_text(markdown(dataset, settings, runs, table, series, sizes_png))
+    return written

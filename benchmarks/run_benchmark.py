@@ -1,0 +1,528 @@
+#!/usr/bin/env python
+"""Side-by-side benchmark: RecBole baselines, FMLPRec, LRURec and FMRLRec variants on one dataset.
+
+One command per dataset trains the chosen rows on the same atomic files, split (leave-one-out by
+time) and metrics (Recall/NDCG@5,10,20,50, full ranking, history not masked), each stopped early on
+validation NDCG@10 and tested at its best checkpoint, then writes ``results/<dataset>.md`` and CSVs
+(and the Figure 3 per-size plot from one FMRLRec training).
+
+    python benchmarks/run_benchmark.py --dataset ml-100k-posters --data-path /work/data_out
+    python benchmarks/run_benchmark.py --dataset amazon-beauty --data-path /work/data_out \\
+        --models FMRLRec-text,LRURec,SASRec --max-epochs 30 --seeds 1
+    python benchmarks/run_benchmark.py --dataset amazon-beauty --data-path data --device cuda --seeds 3
+
+Resuming: every finished (row, seed) writes one JSON (atomically) under
+``results/<dataset>/runs/<tag>/<row>/seed-<seed>.json``; a rerun skips those whose settings key
+(the resolved config, epoch cap and time budget) is unchanged, so an interrupted benchmark continues
+where it stopped. ``--tag`` (default: the device type) keeps CPU and GPU runs side by side in one
+table. Each (row, seed) runs in its own subprocess (``--isolation subprocess``) so that its peak RSS
+is its own and a crash does not take the benchmark down.
+
+Row definitions: ``properties/benchmark/rows.yaml``; protocol: ``properties/benchmark/common.yaml``;
+per-dataset settings, paper numbers and reasons a row cannot run: ``properties/benchmark/<dataset>.yaml``.
+"""
+import argparse
+import copy
+import datetime
+import fnmatch
+import hashlib
+import json
+import os
+import platform
+import resource
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import yaml
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+PROPS = ROOT / "properties" / "benchmark"
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+SCHEMA = 1
+# Keys that change nothing about the result: left out of the resume key.
+KEY_IGNORE = {"show_progress", "state", "fmrl_output_dir", "checkpoint_dir", "fmrl_cache_dir", "eval_batch_size", "worker"}
+MODEL_GROUPS = {
+    "recbole": ["SASRec", "BERT4Rec", "GRU4Rec", "LightSANs", "FEARec"],
+    "baselines": ["SASRec", "BERT4Rec", "GRU4Rec", "LightSANs", "FEARec", "FMLPRec", "LRURec"],
+    "fmrlrec": ["FMRLRec-text_image", "FMRLRec-text", "FMRLRec-image", "FMRLRec-id"],
+}
+
+
+class TimeBudgetReached(Exception):
+    """Raised after a validation when the next epoch would overrun the training time budget."""
+
+
+# ----------------------------------------------------------------------------------------- settings
+
+def read_yaml(path):
+    with open(path) as handle:
+        return yaml.safe_load(handle) or {}
+
+
+def load_settings(dataset, props=PROPS):
+    """rows.yaml + common.yaml + the dataset's YAML (optional) as one dict."""
+    rows = read_yaml(props / "rows.yaml")["rows"]
+    common = read_yaml(props / "common.yaml").get("config", {})
+    path = props / f"{dataset}.yaml"
+    ds = read_yaml(path) if path.is_file() else {}
+    return {"rows": rows, "common": common, "dataset": ds, "dataset_file": str(path) if path.is_file() else None}
+
+
+def _matching(mapping, row):
+    """Values of ``mapping`` whose key (an fnmatch pattern) matches ``row``, in file order."""
+    return [value for pattern, value in (mapping or {}).items() if fnmatch.fnmatchcase(row, pattern)]
+
+
+def parse_value(text):
+    """``--set`` values are YAML: 3 -> int, 1e-3 -> float, [8,16] -> list, abc -> str."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str):  # YAML reads 1e-3 as a string
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def resolve_rows(spec, known):
+    """--models: comma list of row names, fnmatch patterns or groups (recbole, baselines, fmrlrec, all)."""
+    chosen = []
+    for item in [s.strip() for s in spec.split(",") if s.strip()]:
+        names = known if item == "all" else MODEL_GROUPS.get(item) or [r for r in known if fnmatch.fnmatchcase(r, item)]
+        if not names:
+            raise SystemExit(f"--models: {item!r} matches no row; rows: {', '.join(known)}; groups: all, "
+                             f"{', '.join(MODEL_GROUPS)}")
+        chosen += [n for n in names if n not in chosen]
+    return chosen
+
+
+def row_config(settings, row, device_type, overrides=(), max_epochs=None):
+    """The model name and the merged RecBole config_dict of one row."""
+    spec = settings["rows"][row]
+    ds = settings["dataset"]
+    config = copy.deepcopy(settings["common"])
+    layers = [spec.get("config") or {}, ds.get("config") or {}, *_matching(ds.get("rows"), row),
+              *_matching((ds.get("devices") or {}).get(device_type), row)]
+    for layer in layers:
+        config.update(copy.deepcopy(layer))
+    if max_epochs is not None:
+        config["epochs"] = int(max_epochs)
+    for key, value in overrides:
+        config[key] = value
+    return spec["model"], config
+
+
+def settings_key(model, dataset, config, extra):
+    """Hash of everything that changes a run's result (not its output folders)."""
+    payload = {"model": model, "dataset": dataset, "schema": SCHEMA,
+               "config": {k: v for k, v in config.items() if k not in KEY_IGNORE}, **extra}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def unavailable_reason(settings, row, model, config, data_path, dataset):
+    """Why a row cannot run on this dataset (None when it can)."""
+    explicit = _matching(settings["dataset"].get("unavailable"), row)
+    if explicit:
+        return explicit[0]
+    if model != "FMRLRec":
+        return None
+    from recbole_fmrl.data import features as feature_files
+    from recbole_fmrl.model.fusion import modality_parts
+
+    modality = config.get("fmrl_modality") or "auto"
+    if modality == "auto":
+        return None  # the dataset picks whatever features exist
+    folder = Path(config.get("fmrl_feature_path") or Path(data_path) / dataset)
+    found = feature_files.available_modalities(folder, dataset)
+    for part in modality_parts(modality):
+        if part not in found and not (part == "text" and (Path(data_path) / dataset / f"{dataset}.item").is_file()):
+            return f"no {part} features for {dataset} in {folder}"
+    return None
+
+
+# ------------------------------------------------------------------------------------- environment
+
+def environment(device="cpu"):
+    """Library versions and hardware of this process (stored with every result)."""
+    import numpy
+    import recbole
+    import torch
+
+    def git(*args):
+        try:
+            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+        except Exception:  # noqa: BLE001 - no git is fine
+            return ""
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError):
+        mem_gb = None
+    env = {
+        "python": platform.python_version(), "torch": torch.__version__, "recbole": recbole.__version__,
+        "numpy": numpy.__version__, "git_commit": git("rev-parse", "--short", "HEAD"),
+        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        "host": socket.gethostname(), "os": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(), "memory_gb": round(mem_gb, 1) if mem_gb else None,
+        "device": device, "gpu": None,
+    }
+    if device.startswith("cuda") and torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        env["gpu"] = f"{props.name} ({props.total_memory / 2**30:.0f} GiB)"
+        env["cuda"] = torch.version.cuda
+    return env
+
+
+def atomic_write_json(path, data):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as handle:
+        json.dump(data, handle, indent=1, sort_keys=True, default=str)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------ worker
+
+def _sync(device):
+    import torch
+
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def execute(job):
+    """Train one (row, seed), test the best checkpoint; return the result dict (no file written)."""
+    import torch
+
+    from recbole_fmrl.quick_start import prepare
+
+    torch.set_num_threads(job["threads"])
+    started, wall0 = datetime.datetime.now().isoformat(timespec="seconds"), time.perf_counter()
+    load0 = os.getloadavg()
+    cfg = dict(job["config"], seed=job["seed"], fmrl_output_dir=job["output_dir"],
+               checkpoint_dir=str(Path(job["output_dir"]) / "saved"))
+    if job["device"].startswith("cuda"):
+        cfg.update(use_gpu=True, gpu_id=job["device"].partition(":")[2] or "0")
+    else:
+        cfg.update(use_gpu=False)
+    config, net, trainer, (train_data, valid_data, test_data) = prepare(job["model"], job["dataset"], config_dict=cfg,
+                                                                      log=True)
+    device = str(config["device"])
+    if job["device"].startswith("cuda") and not device.startswith("cuda"):
+        raise RuntimeError(f"--device {job['device']} requested but RecBole chose {device} (no CUDA?)")
+    setup_seconds = time.perf_counter() - wall0
+    train_times, valid_times = [], []
+    budget = job.get("max_train_seconds")
+    fit_start = time.perf_counter()
+
+    def timed(method, store):
+        def wrapper(*args, **kwargs):
+            _sync(device)
+            t0 = time.perf_counter()
+            out = method(*args, **kwargs)
+            _sync(device)
+            store.append(time.perf_counter() - t0)
+            return out
+        return wrapper
+
+    def check_budget(epoch_idx, valid_score):  # called after each validation (and checkpoint)
+        if budget:
+            per_epoch = (sum(train_times) + sum(valid_times)) / max(1, len(train_times))
+            if time.perf_counter() - fit_start + per_epoch > budget:
+                raise TimeBudgetReached
+
+    trainer._train_epoch = timed(trainer._train_epoch, train_times)
+    trainer._valid_epoch = timed(trainer._valid_epoch, valid_times)
+    stopped_by = "max epochs"
+    try:
+        trainer.fit(train_data, valid_data, saved=True, show_progress=False, callback_fn=check_budget)
+        if len(train_times) < config["epochs"]:
+            stopped_by = "early stopping"
+    except TimeBudgetReached:
+        stopped_by = "time budget"
+    train_seconds = time.perf_counter() - fit_start
+    epochs = len(train_times)
+    best_epoch = epochs - trainer.cur_step  # 1-based: validations since the last improvement
+    valid_result = trainer.evaluate(valid_data, load_best_model=True, show_progress=False)
+    valid_sizes = trainer.size_results
+    t0 = time.perf_counter()
+    test_result = trainer.evaluate(test_data, load_best_model=False, show_progress=False)
+    test_seconds = time.perf_counter() - t0
+    test_sizes = trainer.size_results
+    if hasattr(net, "nested_parameter_count"):
+        params = net.nested_parameter_count()
+    else:
+        params = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    size_results = None
+    if valid_sizes is not None:
+        size_results = {str(m): {"params": net.nested_parameter_count(m), "valid": dict(valid_sizes[m]),
+                                 "test": dict(test_sizes[m])} for m in net.sizes}
+    checkpoint = trainer.saved_model_file
+    if not job.get("keep_checkpoints") and checkpoint and os.path.exists(checkpoint):
+        os.remove(checkpoint)
+        checkpoint = None
+    peak_gpu = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else None
+    final = {k: v for k, v in config.final_config_dict.items()
+             if isinstance(v, (int, float, str, bool, list, dict, type(None)))}
+    return {
+        "schema": SCHEMA, "status": "ok", "row": job["row"], "model": job["model"], "dataset": job["dataset"],
+        "seed": job["seed"], "tag": job["tag"], "key": job["key"], "command": job["command"],
+        "config": job["config"], "resolved": {k: final.get(k) for k in sorted(final) if k in RESOLVED_KEYS},
+        "valid": dict(valid_result), "test": dict(test_result), "size_results": size_results,
+        "params": int(params), "epochs": epochs, "best_epoch": best_epoch, "stopped_by": stopped_by,
+        "max_epochs": config["epochs"], "max_train_seconds": budget,
+        "train_samples": len(train_data.dataset) if hasattr(train_data, "dataset") else None,
+        "setup_seconds": setup_seconds, "train_seconds": train_seconds, "test_seconds": test_seconds,
+        "train_epoch_seconds": sum(train_times) / max(1, epochs), "valid_epoch_seconds": sum(valid_times) / max(1, len(valid_times)),
+        "wall_seconds": time.perf_counter() - wall0, "peak_rss_mb": peak_rss_mb(), "peak_gpu_mb": peak_gpu,
+        "started": started, "finished": datetime.datetime.now().isoformat(timespec="seconds"),
+        "loadavg_start": load0, "loadavg_end": os.getloadavg(), "env": environment(device),
+        "checkpoint": checkpoint, "isolated": job.get("isolated", False),
+    }
+
+
+RESOLVED_KEYS = {"hidden_size", "n_layers", "inner_size", "embedding_size", "num_layers", "hidden_dropout_prob",
+                 "attn_dropout_prob", "dropout_prob", "learning_rate", "learner", "weight_decay", "train_batch_size",
+                 "fmrl_modality", "fmrl_sizes", "fmrl_train_objective", "fmrl_ring_r_min", "fmrl_ring_r_max",
+                 "fmrl_ffn_ratio", "fmlp_filter", "MAX_ITEM_LIST_LENGTH", "epochs", "stopping_step", "n_heads",
+                 "mask_ratio", "k_interests", "fmrl_lru_state_ratio", "device"}
+
+
+def peak_rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def worker_main(job_path):
+    """Subprocess entry: run the job file, write its result (or failure) JSON atomically."""
+    job = json.loads(Path(job_path).read_text())
+    job["isolated"] = True
+    try:
+        result = execute(job)
+    except Exception as exc:  # noqa: BLE001 - recorded in the row's JSON
+        traceback.print_exc()
+        failure(job, exc)
+        return 1
+    atomic_write_json(job["result_path"], result)
+    return 0
+
+
+def failure(job, exc):
+    atomic_write_json(Path(job["result_path"]).with_suffix(".failed.json"), {
+        "schema": SCHEMA, "status": "failed", "row": job["row"], "model": job["model"], "dataset": job["dataset"],
+        "seed": job["seed"], "tag": job["tag"], "key": job["key"], "command": job["command"],
+        "error": f"{type(exc).__name__}: {exc}"[:2000], "finished": datetime.datetime.now().isoformat(timespec="seconds"),
+    })
+
+
+# ---------------------------------------------------------------------------------------- orchestration
+
+_CHILD = None
+
+
+def _terminate_child(signum, frame):
+    if _CHILD is not None and _CHILD.poll() is None:
+        _CHILD.terminate()
+        try:
+            _CHILD.wait(30)
+        except subprocess.TimeoutExpired:
+            _CHILD.kill()
+    raise SystemExit(128 + signum)
+
+
+def run_subprocess(job, log_path):
+    global _CHILD
+    job_path = Path(job["output_dir"]) / "job.json"
+    atomic_write_json(job_path, job)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
+    with open(log_path, "a") as log:
+        _CHILD = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker", str(job_path)],
+                                  stdout=log, stderr=subprocess.STDOUT, cwd=str(ROOT), env=env)
+        try:
+            return _CHILD.wait()
+        finally:
+            _CHILD = None
+
+
+def result_path(results_dir, dataset, tag, row, seed):
+    return Path(results_dir) / dataset / "runs" / tag / row / f"seed-{seed}.json"
+
+
+def is_done(path, key):
+    """A finished run with the same settings key (a changed config reruns it)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return False
+    return data.get("status") == "ok" and data.get("key") == key
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", required=False, help="dataset name (folder under --data-path)")
+    p.add_argument("--data-path", default="data", help="folder holding <dataset>/ atomic and feature files")
+    p.add_argument("--models", default="all", help="comma list of rows, fnmatch patterns or groups "
+                   f"({', '.join(['all', *MODEL_GROUPS])}); default all")
+    p.add_argument("--seeds", type=int, default=1, help="seeds per row (mean +- std over them)")
+    p.add_argument("--seed-base", type=int, default=2020, help="first seed; seeds are base, base+1, ...")
+    p.add_argument("--max-epochs", type=int, default=None, help="cap on epochs (default: common.yaml's epochs)")
+    p.add_argument("--max-train-minutes", type=float, default=None,
+                   help="per (row, seed) training budget: stop after the last epoch that fits, test the best checkpoint")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads per run (default 1: on a shared CPU, more threads were 10x slower)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="RecBole config override for every chosen row (YAML value); ROW:KEY=VALUE for one row pattern")
+    p.add_argument("--tag", default=None, help="result set name (default: the device type, cpu or cuda)")
+    p.add_argument("--results-dir", default=str(ROOT / "results"), help="where <dataset>.md/.csv and run JSONs go")
+    p.add_argument("--work-dir", default=str(ROOT / "runs" / "benchmark"), help="logs and checkpoints")
+    p.add_argument("--isolation", choices=["subprocess", "inprocess"], default="subprocess",
+                   help="one subprocess per run (own peak RSS, crash isolation) or all in this process")
+    p.add_argument("--force", action="store_true", help="rerun chosen rows even if finished")
+    p.add_argument("--retry-failed", action="store_true", default=True, help=argparse.SUPPRESS)
+    p.add_argument("--keep-checkpoints", action="store_true", help="keep best checkpoints under --work-dir")
+    p.add_argument("--report-only", action="store_true", help="only rewrite the report from existing results")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved rows and exit")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    return p
+
+
+def split_overrides(items):
+    """--set values -> ([(key, value)] for all rows, [(pattern, key, value)] per row)."""
+    common, per_row = [], []
+    for item in items:
+        lhs, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {item!r}: expected KEY=VALUE or ROW:KEY=VALUE")
+        pattern, colon, key = lhs.rpartition(":")
+        (per_row.append((pattern, key, parse_value(value))) if colon else common.append((key, parse_value(value))))
+    return common, per_row
+
+
+def plan(args, argv):
+    """The jobs of this invocation: (row, seed) -> job dict, plus rows that cannot run."""
+    settings = load_settings(args.dataset)
+    rows = resolve_rows(args.models, list(settings["rows"]))
+    device_type = args.device.split(":")[0]
+    tag = args.tag or device_type
+    common, per_row = split_overrides(args.set)
+    command = "python benchmarks/run_benchmark.py " + " ".join(shlex.quote(a) for a in argv)
+    budget = args.max_train_minutes * 60 if args.max_train_minutes else None
+    jobs, skipped = [], []
+    for row in rows:
+        overrides = common + [(k, v) for pat, k, v in per_row if fnmatch.fnmatchcase(row, pat)]
+        model, config = row_config(settings, row, device_type, overrides, args.max_epochs)
+        config["data_path"] = str(Path(args.data_path).resolve())
+        reason = unavailable_reason(settings, row, model, config, config["data_path"], args.dataset)
+        if reason:
+            skipped.append((row, model, reason))
+            continue
+        key = settings_key(model, args.dataset, config, {"max_train_seconds": budget, "device": device_type})
+        for i in range(args.seeds):
+            seed = args.seed_base + i
+            jobs.append({
+                "row": row, "model": model, "dataset": args.dataset, "seed": seed, "tag": tag, "key": key,
+                "config": config, "device": args.device, "threads": args.threads, "max_train_seconds": budget,
+                "command": command, "keep_checkpoints": args.keep_checkpoints,
+                "result_path": str(result_path(args.results_dir, args.dataset, tag, row, seed)),
+                "output_dir": str(Path(args.work_dir).resolve() / args.dataset / tag / row / f"seed-{seed}"),
+            })
+    return settings, jobs, skipped, tag, command
+
+
+def record_unavailable(args, tag, skipped, command):
+    for row, model, reason in skipped:
+        path = result_path(args.results_dir, args.dataset, tag, row, "na").with_name("unavailable.json")
+        atomic_write_json(path, {"schema": SCHEMA, "status": "unavailable", "row": row, "model": model,
+                                 "dataset": args.dataset, "tag": tag, "reason": reason, "command": command})
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    if args.worker:
+        return worker_main(args.worker)
+    if not args.dataset:
+        raise SystemExit("--dataset is required")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    import bench_report
+
+    settings, jobs, skipped, tag, command = plan(args, argv)
+    if args.dry_run:
+        for job in jobs:
+            print(f"{job['row']:<20} seed {job['seed']} key {job['key']}  {json.dumps(job['config'], sort_keys=True)}")
+        for row, _, reason in skipped:
+            print(f"{row:<20} cannot run: {reason}")
+        return 0
+    if not args.report_only:
+        inter = Path(args.data_path) / args.dataset / f"{args.dataset}.inter"
+        if not inter.is_file():
+            raise SystemExit(f"{inter} not found (--data-path / --dataset)")
+        record_unavailable(args, tag, skipped, command)
+        for job in jobs:  # a row that can run now has no stale "unavailable" record
+            Path(job["result_path"]).with_name("unavailable.json").unlink(missing_ok=True)
+        old_term = signal.signal(signal.SIGTERM, _terminate_child)
+        try:
+            for n, job in enumerate(jobs, 1):
+                label = f"[{n}/{len(jobs)}] {job['row']} seed {job['seed']} ({tag})"
+                if not args.force and is_done(job["result_path"], job["key"]):
+                    print(f"{label}: done, skipped", flush=True)
+                    continue
+                print(f"{label}: running ...", flush=True)
+                Path(job["output_dir"]).mkdir(parents=True, exist_ok=True)
+                Path(job["result_path"]).with_suffix(".failed.json").unlink(missing_ok=True)
+                t0 = time.perf_counter()
+                if args.isolation == "subprocess":
+                    log_path = Path(job["output_dir"]) / "run.log"
+                    rc = run_subprocess(job, log_path)
+                    ok = rc == 0 and is_done(job["result_path"], job["key"])
+                    if not ok and not Path(job["result_path"]).with_suffix(".failed.json").exists():
+                        failure(job, RuntimeError(f"worker exited with {rc}; see {log_path}"))
+                else:
+                    try:
+                        atomic_write_json(job["result_path"], execute(job))
+                        ok = True
+                    except Exception as exc:  # noqa: BLE001
+                        traceback.print_exc()
+                        failure(job, exc)
+                        ok = False
+                status = "ok" if ok else "FAILED"
+                extra = ""
+                if ok:
+                    res = json.loads(Path(job["result_path"]).read_text())
+                    extra = (f" test N@10 {res['test'].get('ndcg@10', float('nan')):.4f} "
+                             f"R@10 {res['test'].get('recall@10', float('nan')):.4f}, {res['epochs']} epochs")
+                print(f"{label}: {status} in {time.perf_counter() - t0:.0f}s{extra}", flush=True)
+                bench_report.write_report(args.dataset, args.results_dir, settings)  # keep the table current
+        finally:
+            signal.signal(signal.SIGTERM, old_term)
+    paths = bench_report.write_report(args.dataset, args.results_dir, settings)
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

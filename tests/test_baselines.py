@@ -1,0 +1,209 @@
+"""FMLPRec and LRURec (plugin baselines) and the benchmark harness's resume logic, on the tiny dataset."""
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from recbole.data.interaction import Interaction
+
+from recbole_fmrl.model import fmrlrec as fmrlrec_module
+from recbole_fmrl.model.fmlprec import FilterLayer, FMLPRec
+from recbole_fmrl.model.lru import LRULayer
+from recbole_fmrl.quick_start import prepare, run
+from tests.conftest import write_tiny_dataset
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+if str(BENCHMARKS) not in sys.path:
+    sys.path.insert(0, str(BENCHMARKS))
+import run_benchmark  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)  # on a shared CPU, 2 threads made these small models ~10x slower
+
+
+def build(tiny_config, model, **overrides):
+    cfg = tiny_config(**{"hidden_size": 16, "inner_size": 32, **overrides})
+    return prepare(model=model, dataset="tiny", config_dict=cfg, log=False)
+
+
+# ------------------------------------------------------------------------------------------- FMLPRec
+
+@pytest.mark.parametrize("objective,filter_", [("last_position", "global"), ("all_positions", "causal")])
+def test_fmlprec_shapes_and_loss(tiny_config, objective, filter_):
+    config, net, _, (train, valid, _) = build(tiny_config, "FMLPRec", fmrl_train_objective=objective,
+                                              fmlp_filter=filter_)
+    assert len(net.blocks) == 2 and net.blocks[0][0].causal == (filter_ == "causal")
+    batch = next(iter(train))
+    assert (net.target_list_field in batch) == (objective == "all_positions")
+    out = net.forward(batch["item_id_list"], batch["item_length"])
+    assert out.shape == (*batch["item_id_list"].shape, 16)
+    loss = net.calculate_loss(batch)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    loss.backward()
+    assert net.blocks[0][0].complex_weight.grad.abs().sum() > 0
+    eval_batch = next(iter(valid))[0]
+    net.eval()
+    scores = net.full_sort_predict(eval_batch)
+    assert scores.shape == (len(eval_batch), net.n_items)
+    torch.testing.assert_close(net.predict(eval_batch), scores.gather(1, eval_batch["item_id"][:, None])[:, 0])
+
+
+def test_fmlprec_all_positions_needs_causal_filter(tiny_config):
+    with pytest.raises(ValueError, match="fmlp_filter=causal"):
+        build(tiny_config, "FMLPRec", fmrl_train_objective="all_positions", fmlp_filter="global")
+
+
+def test_fmlprec_left_alignment():
+    seq_len = torch.tensor([3, 5, 1])
+    seq = torch.tensor([[1, 2, 3, 0, 0], [4, 5, 6, 7, 8], [9, 0, 0, 0, 0]])
+    aligned = seq.gather(1, FMLPRec.left_align_index(seq_len, 5))
+    assert aligned.tolist() == [[0, 0, 1, 2, 3], [4, 5, 6, 7, 8], [0, 0, 0, 0, 9]]
+
+
+def test_fmlp_causal_filter_is_a_causal_linear_convolution():
+    torch.manual_seed(0)
+    layer = FilterLayer(max_len=10, hidden_size=4, dropout=0.0, eps=1e-12, causal=True).double()
+    with torch.no_grad():
+        layer.complex_weight.normal_()
+    x = torch.randn(2, 10, 4, dtype=torch.double)
+    k = layer.kernel()  # [L H]
+    conv = torch.stack([sum(k[t - s] * x[:, s] for s in range(t + 1)) for t in range(10)], dim=1)
+    torch.testing.assert_close(layer(x), layer.layer_norm(conv + x), rtol=1e-9, atol=1e-9)
+    x2 = x.clone()
+    x2[:, 6:] = torch.randn_like(x2[:, 6:])
+    torch.testing.assert_close(layer(x2)[:, :6], layer(x)[:, :6], rtol=0, atol=1e-12)
+
+
+def test_fmlp_global_filter_with_unit_response_is_identity():
+    layer = FilterLayer(max_len=8, hidden_size=4, dropout=0.0, eps=1e-12, causal=False).double()
+    with torch.no_grad():
+        layer.complex_weight.zero_()
+        layer.complex_weight[..., 0] = 1.0
+    x = torch.randn(3, 8, 4, dtype=torch.double)
+    torch.testing.assert_close(layer(x), layer.layer_norm(2 * x))
+
+
+# -------------------------------------------------------------------------------------------- LRURec
+
+@pytest.mark.parametrize("objective", ["all_positions", "last_position"])
+def test_lrurec_settings_shapes_and_loss(tiny_config, objective):
+    config, net, _, (train, valid, _) = build(tiny_config, "LRURec", inner_size=64, fmrl_train_objective=objective)
+    assert len(net.blocks) == 2 and net.item_bias.shape == (net.n_items,)
+    for block in net.blocks:
+        lru = block.lru
+        assert type(lru) is fmrlrec_module.LRULayer  # the very layer FMRLRec uses
+        assert lru.state_size == 32 and lru.sizes == [16]
+        radius = torch.exp(lru.log_lambda()[0])
+        assert radius.min() >= 0.8 - 1e-5 and radius.max() <= 0.99 + 1e-5
+        assert lru.in_im.weight.abs().sum() > 0  # complex parts initialised too (truncated normal)
+        assert block.w_1.out_features == 64
+    for name, p in net.named_parameters():  # truncated normal: std 0.02 clipped to +-0.04
+        if "layer_norm" not in name and "params_log" not in name:
+            assert p.abs().max() <= 0.04 + 1e-7, name
+    batch = next(iter(train))
+    out = net.forward(batch["item_id_list"])
+    assert out.shape == (*batch["item_id_list"].shape, 16)
+    # post-LN: every block ends in a LayerNorm (unit affine at init)
+    torch.testing.assert_close(out.mean(-1), torch.zeros(out.shape[:2]), atol=1e-5, rtol=0)
+    loss = net.calculate_loss(batch)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    loss.backward()
+    assert net.item_bias.grad.abs().sum() > 0
+    net.eval()
+    eval_batch = next(iter(valid))[0]
+    assert net.full_sort_predict(eval_batch).shape == (len(eval_batch), net.n_items)
+
+
+def stepwise_lru(lru, u):
+    """The LRU written as the paper's recurrence, one complex step at a time (float64)."""
+    nu_log, theta_log, gamma_log = lru.params_log
+    lam = torch.exp(torch.complex(-torch.exp(nu_log), torch.exp(theta_log)))
+    gamma = torch.exp(gamma_log)
+    b_w = torch.complex(lru.in_re.masked_weight(), lru.in_im.masked_weight())
+    b_b = torch.complex(lru.in_re.bias, lru.in_im.bias)
+    c_w = torch.complex(lru.out_re.masked_weight(), lru.out_im.masked_weight())
+    h = torch.zeros(u.shape[0], lru.state_size, dtype=lam.dtype)
+    outs = []
+    for t in range(u.shape[1]):
+        h = lam * h + gamma * (u[:, t].to(lam.dtype) @ b_w.T + b_b)
+        outs.append((h @ c_w.T).real + lru.out_re.bias)
+    return torch.stack(outs, dim=1)
+
+
+@pytest.mark.parametrize("scan", ["dense", "doubling"])
+def test_lrurec_lru_equals_stepwise_recurrence(tiny_config, scan):
+    _, net, _, (_, valid, _) = build(tiny_config, "LRURec", fmrl_scan=scan)
+    net = net.double().eval()
+    lru = net.blocks[0].lru
+    u = torch.randn(3, 11, 16, dtype=torch.double)
+    torch.testing.assert_close(lru(u), stepwise_lru(lru, u), rtol=1e-10, atol=1e-10)
+    # right padding needs no mask: what follows the last item cannot change its prediction
+    batch = next(iter(valid))[0]
+    seq, lengths = batch["item_id_list"], batch["item_length"]
+    junk = torch.randint(1, net.n_items, seq.shape)
+    after = torch.arange(seq.shape[1])[None] >= lengths[:, None]
+    noisy = Interaction({**batch.interaction, "item_id_list": torch.where(after, junk, seq)})
+    assert not torch.equal(noisy["item_id_list"], seq)
+    with torch.no_grad():
+        torch.testing.assert_close(net.full_sort_predict(noisy), net.full_sort_predict(batch))
+
+
+# ------------------------------------------------------------------------------------ 1-epoch runs
+
+@pytest.mark.parametrize("model", ["FMLPRec", "LRURec"])
+def test_one_epoch_run(tiny_config, model):
+    result = run(model, "tiny", config_dict=tiny_config(epochs=1, hidden_size=16, inner_size=32), log=False)
+    assert result["epochs"] == 1 and result["size_results"] is None
+    for split in ("best_valid_result", "test_result"):
+        assert 0.0 <= result[split]["ndcg@10"] <= 1.0 and math.isfinite(result[split]["recall@10"])
+
+
+# ----------------------------------------------------------------------------------------- harness
+
+def harness_args(data, tmp_path, models, *extra):
+    return ["--dataset", data.name, "--data-path", str(data.parent), "--models", models, "--max-epochs", "1",
+            "--results-dir", str(tmp_path / "results"), "--work-dir", str(tmp_path / "work"),
+            "--isolation", "inprocess", "--set", "state=ERROR", "--set", "hidden_size=16",
+            "--set", "FMRLRec-*:fmrl_sizes=[8,16]", "--set", "MAX_ITEM_LIST_LENGTH=20",
+            "--set", "topk=[5,10,20]", *extra]
+
+
+def test_harness_resumes_without_redoing_finished_rows(tmp_path, monkeypatch, capsys):
+    data = write_tiny_dataset(tmp_path / "data", name="tinynoimg", with_image=False)
+    args = harness_args(data, tmp_path, "LRURec,FMRLRec-image")
+    assert run_benchmark.main(args) == 0
+    done = tmp_path / "results" / "tinynoimg" / "runs" / "cpu" / "LRURec" / "seed-2020.json"
+    result = json.loads(done.read_text())
+    assert result["status"] == "ok" and result["epochs"] == 1 and result["params"] > 0
+    assert result["peak_rss_mb"] > 0 and result["train_epoch_seconds"] > 0
+    report = (tmp_path / "results" / "tinynoimg.md").read_text()
+    assert "| LRURec |" in report and "**cannot run**: no image features" in report
+    assert (tmp_path / "results" / "tinynoimg.csv").is_file()
+    stamp = done.stat().st_mtime_ns
+
+    calls = []
+
+    def fake_execute(job):
+        calls.append(job["row"])
+        raise AssertionError("a finished row was recomputed")
+
+    monkeypatch.setattr(run_benchmark, "execute", fake_execute)
+    capsys.readouterr()
+    assert run_benchmark.main(args) == 0  # same settings: nothing runs
+    assert calls == [] and done.stat().st_mtime_ns == stamp
+    assert "done, skipped" in capsys.readouterr().out
+    run_benchmark.main(args[:-2] + ["--set", "topk=[5,10]"])  # changed settings: the row reruns
+    assert calls == ["LRURec"]
+    assert json.loads(done.read_text())["status"] == "ok"  # a failed rerun keeps the finished result
+    assert done.with_suffix(".failed.json").is_file()
+
+
+def test_harness_time_budget_stops_after_an_epoch(tmp_path, tiny_root):
+    args = harness_args(tiny_root / "tiny", tmp_path, "LRURec", "--max-epochs", "5", "--max-train-minutes", "1e-6")
+    assert run_benchmark.main(args) == 0
+    result = json.loads((tmp_path / "results" / "tiny" / "runs" / "cpu" / "LRURec" / "seed-2020.json").read_text())
+    assert result["stopped_by"] == "time budget" and result["epochs"] == 1 and result["best_epoch"] == 1
