@@ -2,9 +2,11 @@
 
     python run_recbole_fmrl.py                                   # FMRLRec on RecBole's bundled ml-100k
     python run_recbole_fmrl.py --model SASRec --dataset NAME --config_files a.yaml b.yaml hidden_size=128
+    python run_recbole_fmrl.py tune --space properties/tune/fmrlrec-cpu.yaml --dataset ml-100k   # Ray Tune search
 """
 import argparse
 import os
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -22,6 +24,11 @@ def parse_overrides(items):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["tune"]:  # `tune --help` lists the search options (recbole_fmrl/tune.py)
+        from recbole_fmrl.tune import main as tune_main
+
+        return tune_main(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", "-m", default="FMRLRec", help="FMRLRec, LRURec, FMLPRec or any RecBole model")
     parser.add_argument("--dataset", "-d", default="ml-100k", help="dataset name (folder under data_path)")

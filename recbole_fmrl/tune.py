@@ -479,49 +479,54 @@ def train_trial(job, params, trial_dir, report, resume_dir=None, device=None, th
     if resume_dir:
         state = restore_trial_checkpoint(resume_dir, trainer, train_data)
         getLogger().info(f"resumed from {resume_dir} at epoch {trainer.start_epoch}")
+        if Path(resume_dir).resolve().parent == out:  # a copy Ray made for this restore
+            shutil.rmtree(resume_dir, ignore_errors=True)
     trainer.eval_collector.data_collect(train_data)
     if (config["train_neg_sample_args"] or {}).get("dynamic", False):
         train_data.get_model(net)
     every = max(1, int(job.get("checkpoint_every", 1)))
     scratch = out / "checkpoint-tmp"
-    for epoch in range(trainer.start_epoch, last_eval + 1):
-        start = time.perf_counter()
-        loss = trainer._train_epoch(train_data, epoch, show_progress=False)
-        loss = sum(loss) if isinstance(loss, tuple) else loss
-        trainer.train_loss_dict[epoch] = loss
-        trainer.logger.info(trainer._generate_train_loss_output(epoch, start, time.perf_counter(), loss))
-        trainer._add_train_loss_to_tensorboard(epoch, loss)
-        if (epoch + 1) % trainer.eval_step:
-            continue
-        score, result = trainer._valid_epoch(valid_data, show_progress=False)
-        sizes = trainer.size_results
-        trainer.best_valid_score, trainer.cur_step, stop, update = early_stopping(
-            score, trainer.best_valid_score, trainer.cur_step, max_step=trainer.stopping_step, bigger=bigger)
-        trainer.tensorboard.add_scalar("Vaild_score", score, epoch)
-        trainer.logger.info(f"epoch {epoch} valid_score {score:.6f} best {trainer.best_valid_score:.6f}")
-        if update:
-            trainer._save_checkpoint(epoch, verbose=False)
-            trainer.best_valid_result = result
-            state.update(best_epoch=epoch, best_valid_result={k: float(v) for k, v in result.items()},
-                         best_sizes={str(m): float(r[metric]) for m, r in sizes.items()} if sizes else None)
-        finished = "early_stopped" if stop else ("max_epochs" if epoch >= last_eval else "")
-        metrics = {
-            "epoch": epoch, "train_loss": float(loss), "epoch_seconds": time.perf_counter() - start,
-            "valid_score": float(score), SCORE: float(trainer.best_valid_score), "best_epoch": state["best_epoch"],
-            "finished": finished, **_metrics("valid", result), **_metrics("best", state["best_valid_result"]),
-        }
-        if sizes:
-            metrics.update({f"valid_size/{m}": float(r[metric]) for m, r in sizes.items()})
-        folder = None
-        if finished or (epoch + 1) % (every * trainer.eval_step) == 0:
-            folder = write_trial_checkpoint(scratch, trainer, train_data, epoch, state)
-        report(metrics, folder)
-        if folder is not None:
-            shutil.rmtree(folder, ignore_errors=True)
-        if finished:
-            break
-    trainer._add_hparam_to_tensorboard(trainer.best_valid_score)
-    trainer.tensorboard.close()
+    try:  # Ray ends a stopped trial inside report() (SystemExit): the scratch folder still goes
+        for epoch in range(trainer.start_epoch, last_eval + 1):
+            start = time.perf_counter()
+            loss = trainer._train_epoch(train_data, epoch, show_progress=False)
+            loss = sum(loss) if isinstance(loss, tuple) else loss
+            trainer.train_loss_dict[epoch] = loss
+            trainer.logger.info(trainer._generate_train_loss_output(epoch, start, time.perf_counter(), loss))
+            trainer._add_train_loss_to_tensorboard(epoch, loss)
+            if (epoch + 1) % trainer.eval_step:
+                continue
+            score, result = trainer._valid_epoch(valid_data, show_progress=False)
+            sizes = trainer.size_results
+            trainer.best_valid_score, trainer.cur_step, stop, update = early_stopping(
+                score, trainer.best_valid_score, trainer.cur_step, max_step=trainer.stopping_step, bigger=bigger)
+            trainer.tensorboard.add_scalar("Vaild_score", score, epoch)
+            trainer.logger.info(f"epoch {epoch} valid_score {score:.6f} best {trainer.best_valid_score:.6f}")
+            if update:
+                trainer._save_checkpoint(epoch, verbose=False)
+                trainer.best_valid_result = result
+                state.update(best_epoch=epoch, best_valid_result={k: float(v) for k, v in result.items()},
+                             best_sizes={str(m): float(r[metric]) for m, r in sizes.items()} if sizes else None)
+            finished = "early_stopped" if stop else ("max_epochs" if epoch >= last_eval else "")
+            metrics = {
+                "epoch": epoch, "train_loss": float(loss), "epoch_seconds": time.perf_counter() - start,
+                "valid_score": float(score), SCORE: float(trainer.best_valid_score), "best_epoch": state["best_epoch"],
+                "finished": finished, **_metrics("valid", result), **_metrics("best", state["best_valid_result"]),
+            }
+            if sizes:
+                metrics.update({f"valid_size/{m}": float(r[metric]) for m, r in sizes.items()})
+            folder = None
+            if finished or (epoch + 1) % (every * trainer.eval_step) == 0:
+                folder = write_trial_checkpoint(scratch, trainer, train_data, epoch, state)
+            report(metrics, folder)
+            if folder is not None:
+                shutil.rmtree(folder, ignore_errors=True)
+            if finished:
+                break
+        trainer._add_hparam_to_tensorboard(trainer.best_valid_score)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+        trainer.tensorboard.close()
     return state
 
 
@@ -560,6 +565,7 @@ def _ray_trial(params, job):
     checkpoint = session.get_checkpoint()
     if checkpoint is not None:
         resume_dir = checkpoint.to_directory(os.path.join(trial_dir, "fmrl", "resume"))
+        # (removed again by train_trial once restored)
 
     def report(metrics, folder):
         session.report(metrics, checkpoint=Checkpoint.from_directory(str(folder)) if folder else None)
@@ -580,7 +586,7 @@ def _evaluate_task(job, params, best_bytes, out_dir):
 
 
 def _trial_dirname(trial):
-    return f"trial_{trial.trial_id}"
+    return f"trial_{trial.trial_id}"  # short: RecBole's file names and Windows-length paths stay sane
 
 
 def make_trainable(job):
@@ -673,7 +679,7 @@ def run_search(job, *, address=None, num_cpus=None, resume="auto", retry_errored
                     metric=SCORE, mode=mode, num_samples=job["num_samples"], scheduler=_scheduler(job, config),
                     search_alg=BasicVariantGenerator(random_state=job["search_seed"]),
                     max_concurrent_trials=job["max_concurrent"], reuse_actors=True,
-                    trial_dirname_creator=_trial_dirname),
+                    trial_dirname_creator=_trial_dirname, trial_name_creator=_trial_dirname),
                 run_config=air.RunConfig(
                     name=job["name"], storage_path=job["storage_path"], verbose=verbose,
                     failure_config=air.FailureConfig(max_failures=job["max_failures"]),
@@ -691,9 +697,12 @@ def run_search(job, *, address=None, num_cpus=None, resume="auto", retry_errored
                 os.environ["RAY_AIR_NEW_OUTPUT"] = previous
         search_seconds = time.perf_counter() - start
         rows = result_rows(grid, job, metric, mode)
+        unfinished = [r["trial_id"] for r in rows if r["status"] not in ("TERMINATED", "ERROR")]
+        if unfinished:
+            print(f"search interrupted ({len(unfinished)} trials unfinished): rerun the same command to resume {exp_dir}")
         selected = None
         best = next((r for r in rows if r["status"] == "TERMINATED" and r.get("_checkpoint")), None)
-        best_bytes = read_best_weights(best["_checkpoint"]) if best is not None else None
+        best_bytes = read_best_weights(best["_checkpoint"]) if best is not None and not unfinished else None
         if best_bytes is not None:
             selected = {"trial_id": best["trial_id"], "trial_dir": best["trial_dir"], "params": best["_params"],
                         "best_epoch": best["best_epoch"], "reported_valid_score": best[SCORE],
@@ -732,20 +741,29 @@ def read_best_weights(checkpoint):
         return path.read_bytes() if path.is_file() else None
 
 
+def _trial_statuses(grid):
+    """Trial folder -> Tune status (TERMINATED, ERROR, or PENDING/RUNNING/PAUSED when interrupted)."""
+    trials = getattr(getattr(grid, "_experiment_analysis", None), "trials", None) or []
+    return {os.path.basename(str(t.local_path)): t.status for t in trials}
+
+
 def result_rows(grid, job, metric, mode):
     rows = []
+    statuses = _trial_statuses(grid)
     for result in grid:
         m = result.metrics or {}
         params = _trial_params(result, job)
         derived = {k: v for k, v in trial_config_dict(job, params).items() if k in job["derived"]} if params else {}
         error = "" if result.error is None else (str(result.error).strip().splitlines() or [""])[-1][:300]
-        end = m.get("finished") or ("error" if error else ("stopped by scheduler" if m else "no report"))
+        status = "ERROR" if error else statuses.get(os.path.basename(result.path or ""), "TERMINATED")
+        end = m.get("finished") or ("error" if error else "unfinished" if status != "TERMINATED" else
+                                    "stopped by scheduler" if m else "no report")
         row = {"trial_id": os.path.basename(result.path or "").replace("trial_", "") or m.get("trial_id", ""),
-               "status": "ERROR" if error else "TERMINATED", "end": end, **params, **derived,
+               "status": status, "end": end, **params, **derived,
                SCORE: m.get(SCORE, float("nan")), "best_epoch": m.get("best_epoch", ""),
                "epochs": (m.get("epoch", -1) + 1) if m else 0, "evaluations": m.get("training_iteration", 0),
                **{k[len("best/"):]: v for k, v in m.items() if k.startswith("best/")},
-               "time_s": round(m.get("time_total_s", 0.0), 1), "error": error, "trial_dir": result.path,
+               "time_s": f"{m.get('time_total_s', 0.0):.1f}", "error": error, "trial_dir": result.path,
                "_params": params, "_checkpoint": result.checkpoint}
         rows.append(row)
     sign = -1 if mode == "max" else 1
@@ -793,7 +811,9 @@ def write_outputs(exp_dir, job, rows, selected, metric, mode, search_seconds, to
               [f"valid {k}" for k in md_metrics] + ["time (s)"]
     lines = [f"# Tune: {job['model']} on {job['dataset']} ({Path(job['space_file']).name})", "",
              f"- search: {job['search']}, scheduler: {job['scheduler']}, trials: {len(rows)} "
-             f"({sum(r['status'] == 'ERROR' for r in rows)} failed), selection: best validation {metric} ({mode})",
+             f"({sum(r['status'] == 'ERROR' for r in rows)} failed, "
+             f"{sum(r['status'] not in ('ERROR', 'TERMINATED') for r in rows)} unfinished), "
+             f"selection: best validation {metric} ({mode})",
              f"- wall time: search {search_seconds:.0f} s, with the selected trial's test evaluation {total_seconds:.0f} s",
              f"- resources per trial: {job['resources']['cpu']:g} CPU, {job['resources']['gpu']:g} GPU"
              + (f"; pinned: {', '.join(job['pinned'])}" if job["pinned"] else ""), "",
