@@ -108,6 +108,8 @@ def row_summary(tag, row, spec, entry, paper, not_run_reason):
         out["max_epochs"] = runs[0].get("max_epochs")
         out["train_epoch_s"] = mean_std([r["train_epoch_seconds"] for r in runs])[0]
         out["valid_epoch_s"] = mean_std([r["valid_epoch_seconds"] for r in runs])[0]
+        out["train_epoch_cpu_s"] = mean_std([r.get("train_epoch_cpu_seconds") for r in runs])[0]
+        out["cpu_s"] = mean_std([r.get("cpu_seconds") for r in runs])[0]
         out["wall_s"] = mean_std([r["wall_seconds"] for r in runs])[0]
         out["wall_total_s"] = sum(r["wall_seconds"] for r in runs)
         out["peak_rss_mb"] = max(r["peak_rss_mb"] for r in runs)
@@ -232,7 +234,9 @@ def markdown(dataset, settings, runs, table, series, sizes_png):
         "best validation checkpoint. Metrics are means over seeds ± sample standard deviation (one seed: no ±). "
         "Settings: `properties/benchmark/` (rows.yaml, common.yaml, "
         f"{Path(settings['dataset_file']).name if settings.get('dataset_file') else 'no dataset file'}) over each "
-        "model's own YAML. *s/epoch* is training time per epoch (validation in brackets); *wall* is one seed's "
+        "model's own YAML. *train s/epoch* is the wall time of one training epoch and, in brackets, the CPU time "
+        "the run's process spent on it (one thread: independent of other jobs on a shared machine); *valid s* is "
+        "one validation pass; *wall* is one seed's "
         "whole run (data loading, training, validation, test); *peak RSS* is the run's own process "
         "(one subprocess per seed).", ""]
     commands = sorted({r["command"] for rows in runs.values() for e in rows.values() for r in e["runs"]})
@@ -243,13 +247,13 @@ def markdown(dataset, settings, runs, table, series, sizes_png):
         part = [r for r in table if r["tag"] == tag]
         lines += [f"## Results ({tag})", ""]
         head = ["group", "row", "settings", "seeds", *[SHORT[m] for m in TABLE_METRICS], "paper N@10", "paper R@10",
-                "params", "epochs (best)", "s/epoch (valid)", "wall / seed", "peak RSS", "note"]
+                "params", "epochs (best)", "train s/epoch: wall (CPU)", "valid s", "wall / seed", "peak RSS", "note"]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in part:
             paper = [f"{r['paper_ndcg@10']:.4f}" if r["paper_ndcg@10"] is not None else "",
                      f"{r['paper_recall@10']:.4f}" if r["paper_recall@10"] is not None else ""]
             if r["status"] != "ok":
-                cells = [r["group"], f"{r['row']}", "", "", "", "", "", "", *paper, "", "", "", "", "",
+                cells = [r["group"], f"{r['row']}", "", "", "", "", "", "", *paper, "", "", "", "", "", "",
                          f"**{r['status']}**: {r['reason']}"]
             else:
                 note = [] if r["stopped_by"] == "early stopping" else [f"stopped by {r['stopped_by']}"]
@@ -258,7 +262,8 @@ def markdown(dataset, settings, runs, table, series, sizes_png):
                 cells = [r["group"], r["row"], r["settings"], str(r["n_seeds"]),
                          *[fmt_metric(r[f"test_{m}"], r[f"test_{m}_std"]) for m in TABLE_METRICS], *paper,
                          fmt_params(r["params"]), f"{r['epochs']:.0f} ({r['best_epoch']:.0f})",
-                         f"{r['train_epoch_s']:.1f} ({r['valid_epoch_s']:.1f})", fmt_seconds(r["wall_s"]),
+                         f"{r['train_epoch_s']:.1f}" + (f" ({r['train_epoch_cpu_s']:.1f})" if r.get("train_epoch_cpu_s") else ""),
+                         f"{r['valid_epoch_s']:.1f}", fmt_seconds(r["wall_s"]),
                          f"{r['peak_rss_mb'] / 1024:.2f} GB" + (f", GPU {r['peak_gpu_mb'] / 1024:.2f} GB"
                                                                 if r.get("peak_gpu_mb") else ""),
                          "; ".join(note)]

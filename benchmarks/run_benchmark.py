@@ -233,17 +233,18 @@ def execute(job):
     if job["device"].startswith("cuda") and not device.startswith("cuda"):
         raise RuntimeError(f"--device {job['device']} requested but RecBole chose {device} (no CUDA?)")
     setup_seconds = time.perf_counter() - wall0
-    train_times, valid_times = [], []
+    train_times, valid_times, train_cpu, valid_cpu = [], [], [], []
     budget = job.get("max_train_seconds")
     fit_start = time.perf_counter()
 
-    def timed(method, store):
+    def timed(method, store, cpu_store):
         def wrapper(*args, **kwargs):
             _sync(device)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             out = method(*args, **kwargs)
             _sync(device)
             store.append(time.perf_counter() - t0)
+            cpu_store.append(time.process_time() - c0)
             return out
         return wrapper
 
@@ -253,8 +254,8 @@ def execute(job):
             if time.perf_counter() - fit_start + per_epoch > budget:
                 raise TimeBudgetReached
 
-    trainer._train_epoch = timed(trainer._train_epoch, train_times)
-    trainer._valid_epoch = timed(trainer._valid_epoch, valid_times)
+    trainer._train_epoch = timed(trainer._train_epoch, train_times, train_cpu)
+    trainer._valid_epoch = timed(trainer._valid_epoch, valid_times, valid_cpu)
     stopped_by = "max epochs"
     try:
         trainer.fit(train_data, valid_data, saved=True, show_progress=False, callback_fn=check_budget)
@@ -296,6 +297,8 @@ def execute(job):
         "train_samples": len(train_data.dataset) if hasattr(train_data, "dataset") else None,
         "setup_seconds": setup_seconds, "train_seconds": train_seconds, "test_seconds": test_seconds,
         "train_epoch_seconds": sum(train_times) / max(1, epochs), "valid_epoch_seconds": sum(valid_times) / max(1, len(valid_times)),
+        "train_epoch_cpu_seconds": sum(train_cpu) / max(1, epochs),
+        "valid_epoch_cpu_seconds": sum(valid_cpu) / max(1, len(valid_cpu)), "cpu_seconds": time.process_time(),
         "wall_seconds": time.perf_counter() - wall0, "peak_rss_mb": peak_rss_mb(), "peak_gpu_mb": peak_gpu,
         "started": started, "finished": datetime.datetime.now().isoformat(timespec="seconds"),
         "loadavg_start": load0, "loadavg_end": os.getloadavg(), "env": environment(device),
@@ -342,13 +345,17 @@ _CHILD = None
 
 
 def _terminate_child(signum, frame):
-    if _CHILD is not None and _CHILD.poll() is None:
-        _CHILD.terminate()
+    raise SystemExit(128 + signum)  # run_subprocess's ``finally`` stops the running worker
+
+
+def _stop(child):
+    if child.poll() is None:
+        child.terminate()
         try:
-            _CHILD.wait(30)
+            child.wait(30)
         except subprocess.TimeoutExpired:
-            _CHILD.kill()
-    raise SystemExit(128 + signum)
+            child.kill()
+            child.wait()
 
 
 def run_subprocess(job, log_path):
@@ -362,7 +369,8 @@ def run_subprocess(job, log_path):
                                   stdout=log, stderr=subprocess.STDOUT, cwd=str(ROOT), env=env)
         try:
             return _CHILD.wait()
-        finally:
+        finally:  # also on SIGTERM / Ctrl-C: no worker outlives the benchmark
+            _stop(_CHILD)
             _CHILD = None
 
 
@@ -478,6 +486,11 @@ def main(argv=None):
             print(f"{row:<20} cannot run: {reason}")
         return 0
     if not args.report_only:
+        if args.device.startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise SystemExit(f"--device {args.device}: torch {torch.__version__} sees no CUDA device")
         inter = Path(args.data_path) / args.dataset / f"{args.dataset}.inter"
         if not inter.is_file():
             raise SystemExit(f"{inter} not found (--data-path / --dataset)")

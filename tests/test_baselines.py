@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from recbole.data.interaction import Interaction
+from torch.nn import functional as F
 
 from recbole_fmrl.model import fmrlrec as fmrlrec_module
 from recbole_fmrl.model.fmlprec import FilterLayer, FMLPRec
@@ -105,10 +106,11 @@ def test_lrurec_settings_shapes_and_loss(tiny_config, objective):
         if "layer_norm" not in name and "params_log" not in name:
             assert p.abs().max() <= 0.04 + 1e-7, name
     batch = next(iter(train))
-    out = net.forward(batch["item_id_list"])
-    assert out.shape == (*batch["item_id_list"].shape, 16)
+    out, packing = net.encode(batch["item_id_list"], batch["item_length"])
+    assert out.shape == (int(batch["item_length"].sum()), 16)  # real tokens only
+    assert net.forward(batch["item_id_list"], batch["item_length"]).shape == (len(batch), 16)
     # post-LN: every block ends in a LayerNorm (unit affine at init)
-    torch.testing.assert_close(out.mean(-1), torch.zeros(out.shape[:2]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.mean(-1), torch.zeros(out.shape[0]), atol=1e-5, rtol=0)
     loss = net.calculate_loss(batch)
     assert loss.ndim == 0 and torch.isfinite(loss)
     loss.backward()
@@ -150,6 +152,20 @@ def test_lrurec_lru_equals_stepwise_recurrence(tiny_config, scan):
     assert not torch.equal(noisy["item_id_list"], seq)
     with torch.no_grad():
         torch.testing.assert_close(net.full_sort_predict(noisy), net.full_sort_predict(batch))
+
+
+def test_lrurec_packed_tokens_equal_the_padded_computation(tiny_config):
+    _, net, _, (_, valid, _) = build(tiny_config, "LRURec")
+    net = net.double().eval()
+    batch = next(iter(valid))[0]
+    seq, lengths = batch["item_id_list"], batch["item_length"]
+    with torch.no_grad():
+        x = net.embedding_layer_norm(net.item_embedding(seq))  # [B L d], padding included
+        for block in net.blocks:  # the LRU on the full padded grid, position-wise layers everywhere
+            h = block.lru_layer_norm(x + block.lru(x))
+            x = block.ffn_layer_norm(h + block.w_2(F.gelu(block.w_1(h))))
+        expected = x[torch.arange(len(seq)), lengths - 1]
+        torch.testing.assert_close(net.forward(seq, lengths), expected, rtol=1e-10, atol=1e-10)
 
 
 # ------------------------------------------------------------------------------------ 1-epoch runs

@@ -22,7 +22,8 @@ ID-based LRURec with its own settings (not fMRLRec's):
   last position (``last_position``, RecBole's prefix samples).
 
 RecBole pads on the right, so the causal scan needs no padding mask: padding comes after the
-valid items and cannot reach them; the prediction reads position ``len - 1``.
+valid items and cannot reach them; the prediction reads position ``len - 1``. Position-wise layers
+run on the real tokens only (the LRU layer's ``Packing``), the scan on the batch's longest sequence.
 Differences from the reference, by the benchmark's protocol: the softmax excludes the padding
 column, and evaluation does not mask the history (LRURec masks every input item).
 """
@@ -32,7 +33,7 @@ from recbole.utils import InputType
 from torch import nn
 from torch.nn import functional as F
 
-from recbole_fmrl.model.lru import LRULayer
+from recbole_fmrl.model.lru import LRULayer, Packing
 
 
 class LRUBlock(nn.Module):
@@ -48,8 +49,8 @@ class LRUBlock(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.ffn_layer_norm = nn.LayerNorm(hidden_size, eps=eps)
 
-    def forward(self, x):  # [B L d] -> [B L d]
-        h = self.lru_layer_norm(x + self.lru(x))
+    def forward(self, x, packing):  # [V d] real tokens laid out by packing
+        h = self.lru_layer_norm(x + self.lru(x, packing))
         return self.ffn_layer_norm(h + self.dropout(self.w_2(self.dropout(F.gelu(self.w_1(h))))))
 
 
@@ -94,30 +95,35 @@ class LRURec(SequentialRecommender):
                 continue
             nn.init.trunc_normal_(param, mean=0.0, std=std, a=-2 * std, b=2 * std)
 
-    def forward(self, item_seq):  # [B L] -> [B L d]
-        x = self.embedding_layer_norm(self.embedding_dropout(self.item_embedding(item_seq)))
+    def encode(self, item_seq, item_seq_len):
+        """Final hidden states of the real tokens [V d] and their Packing (padding is skipped)."""
+        packing = Packing(item_seq_len)
+        ids = item_seq[:, : packing.length].flatten()[packing.index]  # [V]
+        x = self.embedding_layer_norm(self.embedding_dropout(self.item_embedding(ids)))
         for block in self.blocks:
-            x = block(x)
-        return x
+            x = block(x, packing)
+        return x, packing
+
+    def forward(self, item_seq, item_seq_len):  # [B L], [B] -> [B d], the last state
+        x, packing = self.encode(item_seq, item_seq_len)
+        return x[packing.last]
 
     def scores(self, hidden):  # [..., d] -> [..., N+1]
         return hidden @ self.item_embedding.weight.T + self.item_bias
 
     def calculate_loss(self, interaction):
-        out = self.forward(interaction[self.ITEM_SEQ])  # [B L d]
+        x, packing = self.encode(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])  # [V d]
         if self.target_list_field is not None and self.target_list_field in interaction:
-            targets = interaction[self.target_list_field]  # [B L], 0 = no label
+            targets = interaction[self.target_list_field][:, : packing.length].flatten()[packing.index]  # [V]
             labelled = targets > 0
-            hidden, labels = out[labelled], targets[labelled]  # [P d], [P]
+            hidden, labels = x[labelled], targets[labelled]  # [P d], [P]
         else:
-            hidden = self.gather_indexes(out, interaction[self.ITEM_SEQ_LEN] - 1)  # [B d]
-            labels = interaction[self.POS_ITEM_ID]
+            hidden, labels = x[packing.last], interaction[self.POS_ITEM_ID]  # [B d], [B]
         logits = hidden @ self.item_embedding.weight[1:].T + self.item_bias[1:]  # [P N], padding excluded
         return F.cross_entropy(logits, labels - 1)
 
     def _last_hidden(self, interaction):
-        out = self.forward(interaction[self.ITEM_SEQ])
-        return self.gather_indexes(out, interaction[self.ITEM_SEQ_LEN] - 1)  # [B d]
+        return self.forward(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])  # [B d]
 
     def predict(self, interaction):
         hidden = self._last_hidden(interaction)
