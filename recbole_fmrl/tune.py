@@ -511,7 +511,8 @@ def train_trial(job, params, trial_dir, report, resume_dir=None, device=None, th
             metrics = {
                 "epoch": epoch, "train_loss": float(loss), "epoch_seconds": time.perf_counter() - start,
                 "valid_score": float(score), SCORE: float(trainer.best_valid_score), "best_epoch": state["best_epoch"],
-                "finished": finished, **_metrics("valid", result), **_metrics("best", state["best_valid_result"]),
+                "finished": finished, "device": str(config["device"]),
+                **_metrics("valid", result), **_metrics("best", state["best_valid_result"]),
             }
             if sizes:
                 metrics.update({f"valid_size/{m}": float(r[metric]) for m, r in sizes.items()})
@@ -830,7 +831,7 @@ def write_outputs(exp_dir, job, rows, selected, metric, mode, search_seconds, to
                   f"(trial {selected['trial_id']}, best epoch {selected['best_epoch']}) in {exp_dir}.\n"
                   f"# Rerun: python run_recbole_fmrl.py --model {job['model']} --dataset {job['dataset']} "
                   f"--config_files {best_yaml}\n")
-        best_yaml.write_text(header + yaml.safe_dump(selected["config"], sort_keys=False, default_flow_style=None))
+        best_yaml.write_text(header + yaml.safe_dump(selected["config"], sort_keys=False, default_flow_style=False))
         (exp_dir / "selected.json").write_text(json.dumps(selected, indent=1))
         lines += ["", f"## Selected: trial {selected['trial_id']}", "",
                   "Values: " + ", ".join(f"`{k}={selected['config'].get(k)}`" for k in param_cols), "",
