@@ -117,6 +117,8 @@ def row_summary(tag, row, spec, entry, paper, not_run_reason):
         out["peak_gpu_mb"] = max(gpu) if gpu else None
         out["stopped_by"] = "; ".join(sorted({r["stopped_by"] for r in runs}))
         out["settings"] = settings_text(runs[0])
+        out["train_samples"] = runs[0].get("train_samples")
+        out["valid_curve"] = " ".join(f"{v:.4f}" for v in runs[0].get("valid_curve") or [])
         out["isolated"] = all(r.get("isolated") for r in runs)
         out["device"] = runs[0]["env"].get("device")
         out["cpu"] = runs[0]["env"].get("cpu")
@@ -257,8 +259,10 @@ def markdown(dataset, settings, runs, table, series, sizes_png):
                          f"**{r['status']}**: {r['reason']}"]
             else:
                 note = [] if r["stopped_by"] == "early stopping" else [f"stopped by {r['stopped_by']}"]
-                if r["epochs"] is not None and r["max_epochs"] and r["stopped_by"] != "early stopping":
+                if r["stopped_by"] == "max epochs":
                     note[-1] += f" (cap {r['max_epochs']})"
+                if r["stopped_by"] != "early stopping" and r["best_epoch"] >= r["epochs"]:
+                    note.append("best at the last epoch: still improving")
                 cells = [r["group"], r["row"], r["settings"], str(r["n_seeds"]),
                          *[fmt_metric(r[f"test_{m}"], r[f"test_{m}_std"]) for m in TABLE_METRICS], *paper,
                          fmt_params(r["params"]), f"{r['epochs']:.0f} ({r['best_epoch']:.0f})",

@@ -248,7 +248,10 @@ def execute(job):
             return out
         return wrapper
 
+    curve = []
+
     def check_budget(epoch_idx, valid_score):  # called after each validation (and checkpoint)
+        curve.append(round(float(valid_score), 6))
         if budget:
             per_epoch = (sum(train_times) + sum(valid_times)) / max(1, len(train_times))
             if time.perf_counter() - fit_start + per_epoch > budget:
@@ -292,9 +295,9 @@ def execute(job):
         "seed": job["seed"], "tag": job["tag"], "key": job["key"], "command": job["command"],
         "config": job["config"], "resolved": {k: final.get(k) for k in sorted(final) if k in RESOLVED_KEYS},
         "valid": dict(valid_result), "test": dict(test_result), "size_results": size_results,
-        "params": int(params), "epochs": epochs, "best_epoch": best_epoch, "stopped_by": stopped_by,
+        "params": int(params), "epochs": epochs, "valid_curve": curve, "best_epoch": best_epoch, "stopped_by": stopped_by,
         "max_epochs": config["epochs"], "max_train_seconds": budget,
-        "train_samples": len(train_data.dataset) if hasattr(train_data, "dataset") else None,
+        "train_samples": len(train_data._dataset),
         "setup_seconds": setup_seconds, "train_seconds": train_seconds, "test_seconds": test_seconds,
         "train_epoch_seconds": sum(train_times) / max(1, epochs), "valid_epoch_seconds": sum(valid_times) / max(1, len(valid_times)),
         "train_epoch_cpu_seconds": sum(train_cpu) / max(1, epochs),

@@ -1,0 +1,204 @@
+"""Benchmark: fused chunked Matryoshka CE vs plain single-size CE vs the materialising reference.
+
+Times forward+backward (grads wrt hidden and items) and measures peak extra memory of each
+variant, all in one process on the same inputs (Amazon-Beauty-like shapes by default), and writes
+``results/loss_bench.md``.
+
+    python benchmarks/bench_loss.py                       # P=2800 N=12101, d=64 and 256
+    python benchmarks/bench_loss.py --chunks 0,256,512    # chunk sweep (0 = auto)
+
+Memory: "peak alloc" is the peak of bytes held by live tensors above the level at entry (torch
+profiler allocation events, exact, independent of the malloc implementation); "peak RSS" is the
+growth of the process's resident-set high-water mark (``/proc/self/clear_refs`` reset), which
+also sees allocator caching and page-fault behaviour.
+"""
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from recbole_fmrl.model.loss import (  # noqa: E402
+    auto_chunk_size,
+    matryoshka_cross_entropy,
+    matryoshka_cross_entropy_reference,
+)
+
+SIZES = {256: [8, 16, 32, 64, 128, 256], 64: [8, 16, 32, 64], 128: [8, 16, 32, 64, 128]}
+
+
+def cpu_name():
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def loadavg():
+    try:
+        return open("/proc/loadavg").read().split()[:3]
+    except OSError:
+        return ["?"]
+
+
+def matmul_gflops(P, N, d, reps=5):
+    a, b = torch.randn(P, d), torch.randn(d, N)
+    out = torch.empty(P, N)
+    g, e = torch.randn(P, N), torch.randn(N, d)
+    best_f = best_b = float("inf")
+    torch.mm(a, b, out=out)
+    for _ in range(reps):
+        t = time.perf_counter()
+        torch.mm(a, b, out=out)
+        best_f = min(best_f, time.perf_counter() - t)
+        t = time.perf_counter()
+        g @ e
+        best_b = min(best_b, time.perf_counter() - t)
+    flops = 2.0 * P * N * d
+    return flops / best_f / 1e9, flops / best_b / 1e9
+
+
+def peak_alloc_mb(fn):
+    """Peak bytes held by tensors allocated during ``fn`` (torch profiler allocation events)."""
+    from torch._C._profiler import _EventType
+    from torch.profiler import profile
+
+    with profile(profile_memory=True) as prof:
+        fn()
+    events = []
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        stack.extend(node.children)
+        if node.tag == _EventType.Allocation:
+            events.append((node.start_time_ns, node.extra_fields.alloc_size,
+                           node.extra_fields.total_allocated))
+    if not events:
+        return 0.0
+    events.sort()
+    base = events[0][2] - events[0][1]
+    return (max(e[2] for e in events) - base) / 2**20
+
+
+def rss_peak_mb(fn):
+    """Growth of VmHWM over VmRSS at entry (Linux only; None elsewhere)."""
+    def status(key):
+        for line in open("/proc/self/status"):
+            if line.startswith(key):
+                return int(line.split()[1]) / 1024
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        before = status("VmRSS")
+    except OSError:
+        return None
+    fn()
+    return status("VmHWM") - before
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--P", type=int, default=2800)
+    ap.add_argument("--N", type=int, default=12101)
+    ap.add_argument("--dims", default="64,256")
+    ap.add_argument("--chunks", default="0", help="fused chunk sizes; 0 = auto")
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-reference", action="store_true")
+    ap.add_argument("--out", default="results/loss_bench.md")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    P, N = args.P, args.N
+    chunks = [int(c) for c in args.chunks.split(",")]
+
+    lines = ["# Matryoshka cross-entropy benchmark", ""]
+    lines.append(f"Command: `python {' '.join(sys.argv)}`")
+    lines.append("")
+    lines.append(f"- CPU: {cpu_name()}, {os.cpu_count()} logical cores, "
+                 f"torch.set_num_threads({args.threads})")
+    lines.append(f"- torch {torch.__version__}, capability "
+                 f"{torch.backends.cpu.get_cpu_capability()}, float32")
+    lines.append(f"- P = {P} labelled positions, N = {N} items; loadavg at start "
+                 f"{' '.join(loadavg())}")
+    print("\n".join(lines), flush=True)
+
+    rows = []
+    for d in [int(x) for x in args.dims.split(",")]:
+        sizes = SIZES.get(d) or [d]
+        gf_f, gf_b = matmul_gflops(P, N, d)
+        hidden = torch.randn(P, d).requires_grad_()
+        items = (torch.randn(N, d) * 0.1).requires_grad_()
+        labels = torch.randint(0, N, (P,))
+
+        def plain():
+            return torch.autograd.grad(F.cross_entropy(hidden @ items.T, labels), [hidden, items])
+
+        def reference():
+            out = matryoshka_cross_entropy_reference(hidden, items, labels, sizes)
+            return torch.autograd.grad(out.sum(), [hidden, items])
+
+        def fused(c):
+            def run():
+                out = matryoshka_cross_entropy(hidden, items, labels, sizes, c)
+                return torch.autograd.grad(out.sum(), [hidden, items])
+            return run
+
+        variants = [("plain CE, size d only", plain)]
+        if not args.no_reference:
+            variants.append((f"reference, all {len(sizes)} sizes", reference))
+        for c in chunks:
+            cc = auto_chunk_size(len(sizes), P, N) if c == 0 else c
+            label = f"fused, all {len(sizes)} sizes, chunk {cc}" + (" (auto)" if c == 0 else "")
+            variants.append((label, fused(c)))
+        times = {name: [] for name, _ in variants}
+        for name, fn in variants:  # warm-up
+            fn()
+        for r in range(args.reps):  # interleaved so that load changes hit all variants alike
+            for name, fn in variants:
+                if name.startswith("reference") and r >= 2:
+                    continue
+                t = time.perf_counter()
+                fn()
+                times[name].append((time.perf_counter() - t) * 1e3)
+        mem = {name: (peak_alloc_mb(fn), rss_peak_mb(fn)) for name, fn in variants}
+        base_t = min(times[variants[0][0]])
+        base_m = mem[variants[0][0]][0]
+        for name, _ in variants:
+            ts = times[name]
+            rows.append((d, str(sizes), name, min(ts), statistics.median(ts), min(ts) / base_t,
+                         mem[name][0], mem[name][0] / base_m, mem[name][1]))
+        flop_ms = 3 * 2.0 * P * N * d / (gf_b * 1e9) * 1e3
+        lines.append(f"- d = {d}: fp32 matmul {gf_f:.0f} GFLOP/s ([P,d]@[d,N] into a preallocated "
+                     f"output), {gf_b:.0f} GFLOP/s ([P,N]@[N,d]); the 3 matmuls of plain CE "
+                     f"fwd+bwd at that rate: {flop_ms:.0f} ms")
+        print(lines[-1], flush=True)
+
+    lines += ["", f"loadavg at end: {' '.join(loadavg())} (the machine is shared; times are the "
+              f"min / median over {args.reps} interleaved repetitions)", ""]
+    lines.append("| d | sizes | variant | fwd+bwd ms (min) | median | time / plain | "
+                 "peak alloc MB | mem / plain | peak RSS growth MB |")
+    lines.append("|---|---|---|---|---|---|---|---|---|")
+    for d, sizes, name, tmin, tmed, tr, m, mr, rss in rows:
+        rss_s = "n/a" if rss is None else f"{rss:.0f}"
+        lines.append(f"| {d} | {sizes} | {name} | {tmin:.0f} | {tmed:.0f} | {tr:.2f} | {m:.0f} | "
+                     f"{mr:.2f} | {rss_s} |")
+    text = "\n".join(lines) + "\n"
+    print("\n".join(lines[-len(rows) - 2:]))
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        f.write(text)
+
+
+if __name__ == "__main__":
+    main()

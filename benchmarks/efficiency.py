@@ -1,0 +1,237 @@
+"""Efficiency of Matryoshka training: all sizes vs the largest alone vs independent training vs SASRec.
+
+Every variant runs in its own subprocess (so peak memory is its own) on the same dataset and
+machine, in one invocation; the report goes to ``results/efficiency.md`` (+ ``.json``).
+
+    python benchmarks/efficiency.py --dataset amazon-beauty --data-path data --hidden-size 256
+
+Per variant: mean time of a training step (forward, backward, optimizer) over ``--steps`` steps
+after warm-up, steps per epoch, the epoch time (measured with --full-epoch, else steps x step
+time), peak resident memory growth during training, FLOPs of one step counted by
+``torch.utils.flop_counter`` and the machine's fp32 GEMM rate measured in the same process.
+"""
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def variants(d):
+    from recbole_fmrl.model.nested import default_sizes
+
+    sizes = default_sizes(d)
+    out = {"all-sizes": ("FMRLRec", {"hidden_size": d}),
+           "largest-only": ("FMRLRec", {"hidden_size": d, "fmrl_sizes": [d]})}
+    for m in sizes[:-1]:
+        out[f"alone-{m}"] = ("FMRLRec", {"hidden_size": m, "fmrl_sizes": [m]})
+    out["SASRec"] = ("SASRec", {})
+    return out, sizes
+
+
+def rss_hwm_kib():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM"):
+            return int(line.split()[1])
+    return 0
+
+
+def reset_hwm():
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")  # resets the resident-set high-water mark
+    except OSError:
+        pass
+
+
+def gemm_rate(device, n=2048, reps=5):
+    import torch
+
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    a @ b
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - start)
+
+
+def sync(device):
+    import torch
+
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def worker(args):
+    """Measure one variant; print one JSON line."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from recbole_fmrl.quick_start import prepare
+
+    torch.set_num_threads(args.threads)
+    model, overrides = json.loads(args.worker)
+    cfg = {"data_path": args.data_path, "epochs": 1, "show_progress": False, "state": "ERROR",
+           "fmrl_output_dir": args.output_dir, "use_gpu": args.device == "cuda", "seed": 2020, **overrides}
+    if model == "FMRLRec" and args.modality:
+        cfg["fmrl_modality"] = args.modality
+    config, net, trainer, (train, _, _) = prepare(model, args.dataset, config_dict=cfg, log=False)
+    device = config["device"]
+    net.train()
+    batches = iter(train)
+
+    def step():
+        nonlocal batches
+        try:
+            batch = next(batches)
+        except StopIteration:
+            batches = iter(train)
+            batch = next(batches)
+        batch = batch.to(device)
+        trainer.optimizer.zero_grad()
+        losses = net.calculate_loss(batch)
+        loss = sum(losses) if isinstance(losses, tuple) else losses
+        loss.backward()
+        trainer.optimizer.step()
+
+    step()  # warm-up: allocator, lazy inits
+    with FlopCounterMode(display=False) as counter:
+        step()
+    flops = counter.get_total_flops()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    base_kib = rss_hwm_kib()
+    reset_hwm()
+    base_kib = min(base_kib, rss_hwm_kib())
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    sync(device)
+    step_s = (time.perf_counter() - start) / args.steps
+    peak_kib = rss_hwm_kib() - base_kib
+    epoch_s = None
+    if args.full_epoch:
+        start = time.perf_counter()
+        trainer._train_epoch(train, 0, show_progress=False)
+        sync(device)
+        epoch_s = time.perf_counter() - start
+    params = net.nested_parameter_count() if hasattr(net, "nested_parameter_count") else \
+        sum(p.numel() for p in net.parameters() if p.requires_grad)
+    print("RESULT " + json.dumps({
+        "step_s": step_s, "steps_per_epoch": len(train), "epoch_s": epoch_s, "flops_per_step": flops,
+        "peak_rss_mib": peak_kib / 1024, "cuda_peak_mib": torch.cuda.max_memory_allocated() / 2**20
+        if device.type == "cuda" else None, "gemm_flops": gemm_rate(device), "params": params,
+        "train_samples": len(train.dataset) if hasattr(train, "dataset") else None,
+        "batch_size": config["train_batch_size"]}))
+
+
+def hardware(device):
+    import torch
+
+    if device == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    name = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
+    return f"{name}, {os.cpu_count()} cores"
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default="amazon-beauty")
+    p.add_argument("--data-path", default=str(ROOT / "data"))
+    p.add_argument("--hidden-size", type=int, default=256)
+    p.add_argument("--modality", default="text", help="FMRLRec modality (Beauty has text only offline)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per variant")
+    p.add_argument("--full-epoch", action="store_true", help="also time one full epoch per variant")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--only", nargs="*", help="variant names to run (default: all)")
+    p.add_argument("--output-dir", default=str(ROOT / "runs" / "efficiency"))
+    p.add_argument("--out", default=str(ROOT / "results" / "efficiency.md"))
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        return worker(args)
+
+    import torch
+
+    table, sizes = variants(args.hidden_size)
+    results = {}
+    for name, spec in table.items():
+        if args.only and name not in args.only:
+            continue
+        cmd = [sys.executable, __file__, "--worker", json.dumps(spec)] + [
+            a for a in sys.argv[1:] if a not in ("--only",) and not a.startswith("--out=")]
+        print(f"[{len(results) + 1}/{len(table)}] {name} ...", flush=True)
+        cmd = [sys.executable, __file__, "--worker", json.dumps(spec), "--dataset", args.dataset,
+               "--data-path", args.data_path, "--modality", args.modality, "--steps", str(args.steps),
+               "--device", args.device, "--threads", str(args.threads), "--output-dir", args.output_dir] + \
+              (["--full-epoch"] if args.full_epoch else [])
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+        if line is None:
+            print(proc.stdout[-2000:], proc.stderr[-4000:])
+            results[name] = {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
+            continue
+        results[name] = json.loads(line[7:])
+        r = results[name]
+        print(f"    step {r['step_s']*1e3:.0f} ms x {r['steps_per_epoch']} steps, peak +{r['peak_rss_mib']:.0f} MiB", flush=True)
+    report(args, results, sizes, hardware(args.device), torch.__version__)
+
+
+def epoch_time(r):
+    return r["epoch_s"] if r.get("epoch_s") else r["step_s"] * r["steps_per_epoch"]
+
+
+def report(args, results, sizes, hw, torch_version):
+    ok = {k: v for k, v in results.items() if "error" not in v}
+    lines = [f"# Efficiency: Matryoshka training on {args.dataset} (d = {args.hidden_size})", "",
+             f"Command: `python benchmarks/efficiency.py {' '.join(sys.argv[1:])}`  ",
+             f"Hardware: {hw}; device {args.device}; {args.threads} threads; torch {torch_version}  ",
+             f"Date: {time.strftime('%Y-%m-%d %H:%M')}; each variant in its own process, {args.steps} timed steps "
+             f"after warm-up; epoch = {'one measured epoch' if args.full_epoch else 'steps/epoch x mean step time'}.", "",
+             "| variant | params | batch | steps/epoch | step (ms) | epoch (s) | GFLOP/step | FLOP-bound epoch (s) | x bound | peak mem (MiB) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        if "error" in r:
+            lines.append(f"| {name} | failed: {r['error']} |||||||||")
+            continue
+        bound = r["flops_per_step"] * r["steps_per_epoch"] / r["gemm_flops"]
+        mem = r["cuda_peak_mib"] if r.get("cuda_peak_mib") is not None else r["peak_rss_mib"]
+        lines.append(f"| {name} | {r['params']:,} | {r['batch_size']} | {r['steps_per_epoch']} | {r['step_s']*1e3:.0f} | "
+                     f"{epoch_time(r):.1f} | {r['flops_per_step']/1e9:.1f} | {bound:.1f} | {epoch_time(r)/bound:.2f} | {mem:.0f} |")
+    if "all-sizes" in ok:
+        a = ok["all-sizes"]
+        lines += ["", "## Ratios (targets in brackets)", ""]
+        if "largest-only" in ok:
+            l = ok["largest-only"]
+            mem_a = a["cuda_peak_mib"] or a["peak_rss_mib"]
+            mem_l = l["cuda_peak_mib"] or l["peak_rss_mib"]
+            lines.append(f"- all sizes / largest alone, epoch time: **{epoch_time(a)/epoch_time(l):.2f}** (<= 1.2)")
+            lines.append(f"- all sizes / largest alone, peak memory: **{mem_a/max(mem_l, 1e-9):.2f}** (<= 1.2)")
+            alone = [ok.get(f"alone-{m}") for m in sizes[:-1]]
+            if all(alone):
+                total = sum(epoch_time(r) for r in alone) + epoch_time(l)
+                lines.append(f"- all sizes / independent training of every size (sum of {len(sizes)} epochs): "
+                             f"**{epoch_time(a)/total:.2f}** (<= 0.4)")
+        bound = a["flops_per_step"] * a["steps_per_epoch"] / a["gemm_flops"]
+        lines.append(f"- all-sizes epoch / its FLOP bound: **{epoch_time(a)/bound:.2f}** (<= 2); machine GEMM rate "
+                     f"{a['gemm_flops']/1e9:.0f} GFLOP/s measured in the same process")
+        if "SASRec" in ok:
+            lines.append(f"- FMRLRec all-sizes epoch / RecBole SASRec epoch: **{epoch_time(a)/epoch_time(ok['SASRec']):.2f}** (< 1)")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text("\n".join(lines) + "\n")
+    Path(args.out).with_suffix(".json").write_text(json.dumps(results, indent=2))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
