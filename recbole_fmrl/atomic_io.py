@@ -12,6 +12,12 @@ from pathlib import Path
 import numpy as np
 
 
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(target):
     """Yield a temporary path next to ``target``; rename it onto ``target`` only on success."""
@@ -23,6 +29,7 @@ def atomic_path(target):
         yield Path(tmp)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; outputs are ordinary files
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

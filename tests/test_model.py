@@ -153,3 +153,14 @@ def test_end_to_end_run_checkpoint_reload(tiny_config, tmp_path):
     reloaded = trainer.evaluate(test, load_best_model=True, model_file=result["saved_model_file"])
     assert reloaded == result["test_result"]
     assert trainer.size_results[8] == sizes[8]["test"]
+
+
+def test_atomic_writes_have_ordinary_permissions(tmp_path):
+    import os
+
+    from recbole_fmrl import atomic_io
+
+    atomic_io.write_text(tmp_path / "a.txt", "x")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o666 & ~mask
