@@ -368,6 +368,7 @@ def cached_dataset(config):
 
 def build_run(model, dataset, config_dict, log=True):
     """``quick_start.prepare`` with the per-worker dataset cache (same seeding, so same numbers)."""
+    import torch
     from recbole.data import data_preparation
     from recbole.utils import init_seed
 
@@ -388,6 +389,9 @@ def build_run(model, dataset, config_dict, log=True):
     init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
     net = get_model(config["model"])(config, train_data._dataset).to(config["device"])
     trainer = get_trainer(config["model"])(config, net)
+    # importing any RecBole sequential model imports SINE, whose module turns on autograd anomaly
+    # detection for the whole process (a stack trace per op: baselines train several times slower)
+    torch.autograd.set_detect_anomaly(False)
     return config, net, trainer, (train_data, valid_data, test_data)
 
 
@@ -723,9 +727,9 @@ def run_search(job, *, address=None, num_cpus=None, resume="auto", retry_errored
 
 # --------------------------------------------------------------------------- results
 
-def _trial_params(result, job):
+def _trial_params(result, job, saved_config=None):
     """The sampled values of a trial (also for trials that failed before their first report)."""
-    params = result.config
+    params = result.config or saved_config
     if params is None and result.path and os.path.isfile(os.path.join(result.path, "params.json")):
         with open(os.path.join(result.path, "params.json")) as f:
             params = json.load(f)
@@ -742,24 +746,35 @@ def read_best_weights(checkpoint):
         return path.read_bytes() if path.is_file() else None
 
 
-def _trial_statuses(grid):
-    """Trial folder -> Tune status (TERMINATED, ERROR, or PENDING/RUNNING/PAUSED when interrupted)."""
-    trials = getattr(getattr(grid, "_experiment_analysis", None), "trials", None) or []
-    return {os.path.basename(str(t.local_path)): t.status for t in trials}
+def _trial_states(grid):
+    """Trial folder -> (status, sampled config) as saved in the experiment's state file.
+
+    The saved state tells an interrupted trial (PENDING / RUNNING / PAUSED) from a finished one,
+    which the ResultGrid does not; it also holds the config of trials that never started.
+    """
+    from ray.tune import ExperimentAnalysis
+
+    try:
+        trials = ExperimentAnalysis(getattr(grid, "_local_path", None) or grid.experiment_path).trials
+    except Exception:  # noqa: BLE001 - fall back to what the ResultGrid holds
+        trials = getattr(getattr(grid, "_experiment_analysis", None), "trials", None) or []
+    return {os.path.basename(str(t.local_path)): (t.status, t.config) for t in trials}
 
 
 def result_rows(grid, job, metric, mode):
     rows = []
-    statuses = _trial_statuses(grid)
+    states = _trial_states(grid)
     for result in grid:
         m = result.metrics or {}
-        params = _trial_params(result, job)
+        m = m if SCORE in m else {}  # a trial that never reported has only its trial_id here
+        saved_status, saved_config = states.get(os.path.basename(result.path or ""), ("TERMINATED", None))
+        params = _trial_params(result, job, saved_config)
         derived = {k: v for k, v in trial_config_dict(job, params).items() if k in job["derived"]} if params else {}
         error = "" if result.error is None else (str(result.error).strip().splitlines() or [""])[-1][:300]
-        status = "ERROR" if error else statuses.get(os.path.basename(result.path or ""), "TERMINATED")
+        status = "ERROR" if error else saved_status
         end = m.get("finished") or ("error" if error else "unfinished" if status != "TERMINATED" else
                                     "stopped by scheduler" if m else "no report")
-        row = {"trial_id": os.path.basename(result.path or "").replace("trial_", "") or m.get("trial_id", ""),
+        row = {"trial_id": os.path.basename(result.path or "").replace("trial_", "") or (result.metrics or {}).get("trial_id", ""),
                "status": status, "end": end, **params, **derived,
                SCORE: m.get(SCORE, float("nan")), "best_epoch": m.get("best_epoch", ""),
                "epochs": (m.get("epoch", -1) + 1) if m else 0, "evaluations": m.get("training_iteration", 0),

@@ -218,3 +218,18 @@ def test_rerunning_resumes_the_finished_search(search):
            [(r["trial_id"], r["best_valid_score"]) for r in summary["rows"]][:2]
     assert json.loads(open(os.path.join(summary["experiment_dir"], fmrl_tune.JOB_FILE)).read())["name"] == "tiny-grid"
     assert math.isfinite(again["rows"][0]["best_valid_score"])
+
+
+def test_recbole_baseline_uses_the_same_trial_loop(tiny_root, tmp_path):
+    space = write_space(tmp_path / "sasrec.yaml",
+                        {**tiny_fixed(tiny_root, tmp_path, "hidden_size", "fmrl_sizes"), "epochs": 2, "n_layers": 1,
+                         "n_heads": 1, "loss_type": "CE", "train_neg_sample_args": None},
+                        {"hidden_size": [8, 16]}, {"inner_size": "hidden_size * 2"}, model="SASRec")
+    job = fmrl_tune.build_job(str(space), "tiny")
+    assert job["model"] == "SASRec"
+    reports = []
+    fmrl_tune.train_trial(job, {"hidden_size": 8}, tmp_path / "sasrec", lambda m, f: reports.append((m, f is not None)),
+                          threads=1)  # as a 1-CPU trial; 2 threads on 2 busy cores spin-wait
+    assert not torch.is_anomaly_enabled()  # importing RecBole's SINE turned it on; trials turn it off
+    assert [m["epoch"] for m, _ in reports] == [0, 1] and all(has_ckpt for _, has_ckpt in reports)
+    assert "valid_size/8" not in reports[0][0] and math.isfinite(reports[-1][0]["best_valid_score"])
