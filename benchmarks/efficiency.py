@@ -31,7 +31,7 @@ def variants(d):
            "largest-only": ("FMRLRec", {"hidden_size": d, "fmrl_sizes": [d]})}
     for m in sizes[:-1]:
         out[f"alone-{m}"] = ("FMRLRec", {"hidden_size": m, "fmrl_sizes": [m]})
-    out["SASRec"] = ("SASRec", {})
+    out["SASRec"] = ("SASRec", {"train_neg_sample_args": None})  # RecBole: CE needs no negatives
     return out, sizes
 
 
