@@ -32,10 +32,11 @@ import math
 import torch
 import torch.nn.functional as F
 
-# Elements of the [K, P, c] working buffer per chunk used when chunk_size == 0 (auto): ~16 MB in
-# fp32, measured best on a 2-core Xeon (P=2800, N=12101: c=256 at K=6, c=384 at K=4); larger
+# Elements of the [K, P, c] working buffer per chunk used when chunk_size == 0 (auto): ~32 MB in
+# fp32 (P=2800, N=12101: c=512 at K=6, c=768 at K=4). On the shared 2-core Xeon c=256 was best
+# single-threaded and c=1024 best with 2 threads under heavy load (fewer ops); larger
 # chunks fall out of cache, smaller ones pay per-op overhead.
-AUTO_BUFFER_ELEMS = 4 * 1024 * 1024
+AUTO_BUFFER_ELEMS = 8 * 1024 * 1024
 # Below this many K*P*N logits the plain reference path is used when chunk_size == 0.
 AUTO_PLAIN_BELOW = 2 * 1024 * 1024
 # Overflow guard for the folded shift: a chunk whose per-row sum of exponentials exceeds
