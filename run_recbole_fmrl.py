@@ -6,10 +6,13 @@
 """
 import argparse
 import os
+import warnings
 import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# RecBole 1.2.1 trips pandas/torch deprecation warnings on every dataset load; they are not actionable here.
+warnings.filterwarnings("ignore", category=FutureWarning, module=r"recbole\.")
 
 
 def parse_overrides(items):

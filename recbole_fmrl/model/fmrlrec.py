@@ -143,6 +143,10 @@ class FMRLRec(SequentialRecommender):
         skip = {id(p) for m in nested for p in m.parameters()}
         return counted + sum(p.numel() for p in model.parameters() if p.requires_grad and id(p) not in skip)
 
+    def __str__(self):
+        return (super().__str__() + f"\nNested (non-zero block) parameters per size: "
+                + ", ".join(f"{m}: {self.nested_parameter_count(m):,}" for m in self.sizes))
+
     def submodel(self, size):
         """A standalone size-m FMRLRec whose weights are the first-m slices of this model's."""
         if size not in self.sizes:
