@@ -623,7 +623,7 @@ def _scheduler(job, config):
     asha = dict(job["asha"])
     max_t = asha.pop("max_t", None) or max(1, config["epochs"] // max(1, config["eval_step"]))
     return ASHAScheduler(time_attr="training_iteration", max_t=int(max_t),
-                         grace_period=int(asha.pop("grace_period", 1)),
+                         grace_period=min(int(max_t), int(asha.pop("grace_period", 1))),
                          reduction_factor=float(asha.pop("reduction_factor", 2)), **asha)
 
 
