@@ -355,6 +355,9 @@ def cached_dataset(config):
     loaded = _DATASETS.pop(key, None)
     if loaded is None:
         loaded = create_dataset(config)
+        getLogger().info(f"dataset loaded (pid {os.getpid()}; kept for later trials of this worker)")
+    else:
+        getLogger().info(f"dataset from this worker's cache (pid {os.getpid()})")
     _DATASETS[key] = loaded
     while len(_DATASETS) > DATASET_CACHE_SIZE:
         _DATASETS.popitem(last=False)

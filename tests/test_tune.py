@@ -52,6 +52,21 @@ def test_paper_grid_is_the_papers():
     assert fmrl_tune.grid_points(pinned["space"], "grid") == 8 * 3 * 6 * 2
 
 
+def test_random_search_and_asha(tmp_path):
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.sample import Categorical, Float
+
+    job = fmrl_tune.build_job("fmrlrec-random-asha", "ml-100k", overrides={"epochs": "12"})
+    params = fmrl_tune.ray_param_space(job["space"], job["search"])
+    assert isinstance(params["hidden_size"], Categorical) and isinstance(params["learning_rate"], Float)
+    assert fmrl_tune.grid_points(job["space"], job["search"]) == 1 and job["num_samples"] == 40
+    config = fmrl_tune.make_config("FMRLRec", "ml-100k", dict(job["base"]))
+    scheduler = fmrl_tune._scheduler(job, config)
+    assert isinstance(scheduler, ASHAScheduler) and scheduler._max_t == 12 and scheduler._brackets[0]._rungs[-1][0] == 5
+    grid = fmrl_tune.build_job("fmrlrec-cpu", "ml-100k", scheduler="asha")
+    assert fmrl_tune._scheduler(grid, fmrl_tune.make_config("FMRLRec", "ml-100k", dict(grid["base"])))._max_t == 10
+
+
 def test_space_errors(tmp_path):
     with pytest.raises(ValueError, match="cannot be searched"):
         fmrl_tune.build_job(str(write_space(tmp_path / "a.yaml", {}, {"valid_metric": ["NDCG@10"]})), "tiny")
