@@ -6,6 +6,11 @@ variant, all in one process on the same inputs (Amazon-Beauty-like shapes by def
 
     python benchmarks/bench_loss.py                       # P=2800 N=12101, d=64 and 256
     python benchmarks/bench_loss.py --chunks 0,256,512    # chunk sweep (0 = auto)
+    python benchmarks/bench_loss.py --rows 0,64,128       # single-pass row-block sweep (0 = auto)
+
+"single-pass" rows pass ``weights`` (uniform 1/K here) and back-propagate exactly those
+weights, so the gradients computed during the forward are reused (the model's case); "fused"
+rows are the item-chunked path that recomputes the logits in backward.
 
 Memory: "peak alloc" is the peak of bytes held by live tensors above the level at entry (torch
 profiler allocation events, exact, independent of the malloc implementation); "peak RSS" is the
@@ -26,6 +31,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from recbole_fmrl.model.loss import (  # noqa: E402
     auto_chunk_size,
+    auto_row_block,
     matryoshka_cross_entropy,
     matryoshka_cross_entropy_reference,
 )
@@ -112,6 +118,7 @@ def main():
     ap.add_argument("--N", type=int, default=12101)
     ap.add_argument("--dims", default="64,256")
     ap.add_argument("--chunks", default="0", help="fused chunk sizes; 0 = auto")
+    ap.add_argument("--rows", default="0", help="single-pass rows per block; 0 = auto; '' = none")
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-reference", action="store_true")
@@ -120,7 +127,8 @@ def main():
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     P, N = args.P, args.N
-    chunks = [int(c) for c in args.chunks.split(",")]
+    chunks = [int(c) for c in args.chunks.split(",") if c]
+    row_blocks = [int(r) for r in args.rows.split(",") if r]
 
     lines = ["# Matryoshka cross-entropy benchmark", ""]
     lines.append(f"Command: `python {' '.join(sys.argv)}`")
@@ -154,6 +162,15 @@ def main():
                 return torch.autograd.grad(out.sum(), [hidden, items])
             return run
 
+        w = torch.full((len(sizes),), 1.0 / len(sizes))
+
+        def single(r):
+            def run():
+                out = matryoshka_cross_entropy(hidden, items, labels, sizes, 0, weights=w,
+                                               row_block=r)
+                return torch.autograd.grad((out * w).sum(), [hidden, items])
+            return run
+
         variants = [("plain CE, size d only", plain)]
         if not args.no_reference:
             variants.append((f"reference, all {len(sizes)} sizes", reference))
@@ -161,6 +178,11 @@ def main():
             cc = auto_chunk_size(len(sizes), P, N) if c == 0 else c
             label = f"fused, all {len(sizes)} sizes, chunk {cc}" + (" (auto)" if c == 0 else "")
             variants.append((label, fused(c)))
+        for r in row_blocks:
+            rr = auto_row_block(len(sizes), P, N) if r == 0 else r
+            label = (f"single-pass, all {len(sizes)} sizes, rows {rr}"
+                     + (" (auto)" if r == 0 else ""))
+            variants.append((label, single(r)))
         times = {name: [] for name, _ in variants}
         for name, fn in variants:  # warm-up
             fn()

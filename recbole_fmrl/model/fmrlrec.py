@@ -118,7 +118,7 @@ class FMRLRec(SequentialRecommender):
             hidden, labels = x[labelled], targets[labelled]  # [P d], [P]
         else:
             hidden, labels = x[packing.last], interaction[self.POS_ITEM_ID]  # [B d], [B]
-        per_size = matryoshka_cross_entropy(hidden, table[1:], labels - 1, self.sizes, self.loss_chunk_size)
+        per_size = matryoshka_cross_entropy(hidden, table[1:], labels - 1, self.sizes, self.loss_chunk_size, weights=self.size_weights)
         return tuple(per_size * self.size_weights)  # RecBole sums them and logs each size
 
     def _last_hidden(self, interaction):

@@ -37,6 +37,14 @@ import torch.nn.functional as F
 # single-threaded and c=1024 best with 2 threads under heavy load (fewer ops); larger
 # chunks fall out of cache, smaller ones pay per-op overhead.
 AUTO_BUFFER_ELEMS = 8 * 1024 * 1024
+# Elements of the [K, r, N] working buffer of the single-pass path (rows per block r) when
+# row_block == 0 on CPU; measured in benchmarks/bench_loss.py.
+AUTO_ROW_BUFFER_ELEMS = 8 * 1024 * 1024
+# On CUDA, chunk_size == 0 materialises everything (the plain reference path) when the K*P*N
+# logits take at most this many bytes: the per-chunk Python loop is launch-bound there (measured
+# on an H200: 87 ms per step chunked vs 29 ms for plain CE). Above it the fused paths are used
+# with a working buffer of this size.
+CUDA_PLAIN_BYTES = 1 << 30
 # Below this many K*P*N logits the plain reference path is used when chunk_size == 0.
 AUTO_PLAIN_BELOW = 2 * 1024 * 1024
 # Overflow guard for the folded shift: a chunk whose per-row sum of exponentials exceeds
@@ -69,9 +77,10 @@ def _check_sizes(sizes, d):
     return sizes
 
 
-def auto_chunk_size(num_sizes, num_rows, num_items):
-    """Chunk (items per chunk) used when ``chunk_size == 0``: a ~``AUTO_BUFFER_ELEMS`` buffer."""
-    c = AUTO_BUFFER_ELEMS / max(1, num_sizes * num_rows)
+def auto_chunk_size(num_sizes, num_rows, num_items, buffer_elems=None):
+    """Chunk (items per chunk) used when ``chunk_size == 0``: a ~``buffer_elems`` (default
+    ``AUTO_BUFFER_ELEMS``) ``[K, P, c]`` buffer."""
+    c = (buffer_elems or AUTO_BUFFER_ELEMS) / max(1, num_sizes * num_rows)
     c = max(64, int(round(c / 64)) * 64)
     return max(1, min(c, num_items))
 
@@ -171,65 +180,227 @@ class _MatryoshkaCE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         hidden, items, labels, lse = ctx.saved_tensors
-        plan, c = ctx.plan, ctx.c
-        K, (P, d), N = plan.K, hidden.shape, items.shape[0]
-        need_h, need_e = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        hidden_c, items_c = hidden.contiguous(), items.contiguous()
-        w = grad_out.to(hidden.dtype) / P  # [K] upstream weight of each size's mean CE
-        # exp(logits - shift) = |w_k| * softmax_k; w_k == 0 -> a shift so large that exp is 0.
-        aw = w.abs()
-        shift = lse + torch.where(aw > 0, -torch.log(aw.clamp(min=1e-300)), 1e4).unsqueeze(1)
-        negative = [k for k in range(K) if bool(w[k] < 0)]
-        mats = plan.hidden_aug(hidden_c)
-        plan.set_shift(mats, shift)
-        grad_h = hidden.new_zeros(P, d) if need_h else None
-        grad_et = hidden.new_empty(d, N) if need_e else None  # transposed: row blocks contiguous
-        rbuf, sbuf = hidden.new_empty(P * c), hidden.new_empty(K * P * c)
-        e_aug = plan.items_aug(items_c)
-        for c0 in range(0, N, c):
-            cc = min(c, N - c0)
-            R, S = rbuf[: P * cc].view(P, cc), sbuf[: K * P * cc].view(K, P, cc)
-            e_chunk = items_c[c0: c0 + cc]
-            ea = e_aug[c0: c0 + cc]
-            for k in range(K):
-                plan.step(R, mats, ea, k)
-                torch.exp(R, out=S[k])  # A_k = |w_k| softmax_k on this chunk
-            for k in negative:
-                S[k].neg_()
-            for j in range(K - 2, -1, -1):  # G_j = sum_{k >= j} A_k
-                S[j].add_(S[j + 1])
-            for j, (a, b) in enumerate(plan.bounds):
-                if need_h:
-                    grad_h[:, a:b].addmm_(S[j], e_chunk[:, a:b])
-                if need_e:
-                    grad_et[a:b, c0: c0 + cc].addmm_(hidden_c[:, a:b].T, S[j], beta=0)
-        # One-hot part: d logits_k[p, y_p] contributes -w_k; block j sees -sum_{k>=j} w_k.
-        wj = w.flip(0).cumsum(0).flip(0)  # [K]
-        scale = torch.cat([wj[j].expand(b - a) for j, (a, b) in enumerate(plan.bounds)])
-        grad_e = None
-        if need_h:
-            grad_h.sub_(items_c.index_select(0, labels) * scale)
-        if need_e:
-            grad_e = grad_et.T.contiguous()
-            grad_e.index_add_(0, labels, hidden_c * scale, alpha=-1)
+        grad_h, grad_e = _recompute_backward(ctx.plan, ctx.c, hidden, items, labels, lse, grad_out,
+                                             ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         return grad_h, grad_e, None, None, None
 
 
-def matryoshka_cross_entropy(hidden, items, labels, sizes, chunk_size=0):
+def _recompute_backward(plan, c, hidden, items, labels, lse, grad_out, need_h, need_e):
+    """Gradients of ``sum_k grad_out_k * CE_k`` by recomputing each item chunk's logits."""
+    K, (P, d), N = plan.K, hidden.shape, items.shape[0]
+    hidden_c, items_c = hidden.contiguous(), items.contiguous()
+    w = grad_out.to(hidden.dtype) / P  # [K] upstream weight of each size's mean CE
+    # exp(logits - shift) = |w_k| * softmax_k; w_k == 0 -> a shift so large that exp is 0.
+    aw = w.abs()
+    shift = lse + torch.where(aw > 0, -torch.log(aw.clamp(min=1e-300)), 1e4).unsqueeze(1)
+    negative = [k for k in range(K) if bool(w[k] < 0)]
+    mats = plan.hidden_aug(hidden_c)
+    plan.set_shift(mats, shift)
+    grad_h = hidden.new_zeros(P, d) if need_h else None
+    grad_et = hidden.new_empty(d, N) if need_e else None  # transposed: row blocks contiguous
+    rbuf, sbuf = hidden.new_empty(P * c), hidden.new_empty(K * P * c)
+    e_aug = plan.items_aug(items_c)
+    for c0 in range(0, N, c):
+        cc = min(c, N - c0)
+        R, S = rbuf[: P * cc].view(P, cc), sbuf[: K * P * cc].view(K, P, cc)
+        e_chunk = items_c[c0: c0 + cc]
+        ea = e_aug[c0: c0 + cc]
+        for k in range(K):
+            plan.step(R, mats, ea, k)
+            torch.exp(R, out=S[k])  # A_k = |w_k| softmax_k on this chunk
+        for k in negative:
+            S[k].neg_()
+        for j in range(K - 2, -1, -1):  # G_j = sum_{k >= j} A_k
+            S[j].add_(S[j + 1])
+        for j, (a, b) in enumerate(plan.bounds):
+            if need_h:
+                grad_h[:, a:b].addmm_(S[j], e_chunk[:, a:b])
+            if need_e:
+                grad_et[a:b, c0: c0 + cc].addmm_(hidden_c[:, a:b].T, S[j], beta=0)
+    # One-hot part: d logits_k[p, y_p] contributes -w_k; block j sees -sum_{k>=j} w_k.
+    wj = w.flip(0).cumsum(0).flip(0)  # [K]
+    scale = torch.cat([wj[j].expand(b - a) for j, (a, b) in enumerate(plan.bounds)])
+    grad_e = None
+    if need_h:
+        grad_h.sub_(items_c.index_select(0, labels) * scale)
+    if need_e:
+        grad_e = grad_et.T.contiguous()
+        grad_e.index_add_(0, labels, hidden_c * scale, alpha=-1)
+    return grad_h, grad_e
+
+
+def auto_row_block(num_sizes, num_rows, num_items, buffer_elems=None):
+    """Rows per block of the single-pass path when ``row_block == 0``: a ~``buffer_elems``
+    (default ``AUTO_ROW_BUFFER_ELEMS``) ``[K, r, N]`` buffer, r a multiple of 8 unless tiny."""
+    r = (buffer_elems or AUTO_ROW_BUFFER_ELEMS) / max(1, num_sizes * num_items)
+    r = max(8, int(r // 8) * 8)
+    return max(1, min(r, num_rows))
+
+
+def _single_pass(plan, hidden, items, labels, weights, r, need_h, need_e):
+    """Per-size mean CE ``[K]``, lse ``[K, P]`` and the gradients of ``sum_k weights_k * CE_k``
+    wrt hidden and items, from one walk over blocks of ``r`` rows.
+
+    Each block forms all K sizes' logits over all N items (chained GEMMs with the folded shift),
+    exponentiates them once, and -- having the whole row, so the exact per-size normaliser --
+    turns them into ``G_j = sum_{k >= j} weights_k / P * softmax_k`` with one ``addcmul`` pass per
+    size; one GEMM per block and direction then gives the rows' hidden gradient and the block's
+    contribution to the item gradient. 3 GEMMs of plain CE's size and K exps per logit in all.
+    """
+    K, (P, d), N = plan.K, hidden.shape, items.shape[0]
+    label_logit = _label_logits(hidden, items, labels, plan.bounds)  # [K, P]
+    shift = label_logit.clone()  # <= row max: every sum of exponentials is >= ~1
+    mats = plan.hidden_aug(hidden)
+    plan.set_shift(mats, shift)
+    e_aug = plan.items_aug(items)
+    wp = weights.to(device=hidden.device, dtype=hidden.dtype) / P
+    need_g = need_h or need_e
+    sums = hidden.new_empty(K, P)
+    extra = hidden.new_zeros(K, P)  # additional per-row shift where the guard fired
+    limit = math.exp(_GUARD)
+    grad_h = hidden.new_empty(P, d) if need_h else None
+    grad_et = hidden.new_empty(d, N) if need_e else None  # transposed: row blocks contiguous
+    rbuf = hidden.new_empty(r * N)
+    sbuf = hidden.new_empty((K if need_g else 1) * r * N)
+    for p0 in range(0, P, r):
+        rr = min(r, P - p0)
+        rows = slice(p0, p0 + rr)
+        R = rbuf[: rr * N].view(rr, N)
+        S = sbuf[: (K if need_g else 1) * rr * N].view(-1, rr, N)
+        rm = [m[rows] for m in mats]
+        for k in range(K):
+            plan.step(R, rm, e_aug, k)  # R = logits_k - shift_k for these rows
+            T = S[k] if need_g else S[0]
+            torch.exp(R, out=T)
+            s = torch.sum(T, -1, out=sums[k, rows])
+            if not bool((s <= limit).all()):  # a logit far above the shift: max-shift this size
+                delta = R.amax(-1).clamp_(min=0)
+                torch.sub(R, delta.unsqueeze(-1), out=T).exp_()
+                torch.sum(T, -1, out=s)
+                extra[k, rows] = delta
+        if not need_g:
+            continue
+        coef = wp.unsqueeze(1) / sums[:, rows]  # [K, rr]: G_k = coef_k * exp(...)
+        S[K - 1].mul_(coef[K - 1].unsqueeze(-1))
+        for j in range(K - 2, -1, -1):  # G_j = coef_j * S_j + G_{j+1}, one pass
+            torch.addcmul(S[j + 1], S[j], coef[j].unsqueeze(-1), out=S[j])
+        for j, (a, b) in enumerate(plan.bounds):
+            if need_h:
+                grad_h[rows, a:b].addmm_(S[j], items[:, a:b], beta=0)
+            if need_e:
+                grad_et[a:b].addmm_(hidden[rows, a:b].T, S[j], beta=0 if p0 == 0 else 1)
+    lse = shift + extra + sums.log()
+    loss = (lse - label_logit).mean(1)
+    grad_e = None
+    if need_g:  # one-hot part: block j sees -sum_{k>=j} wp_k at the label
+        wj = wp.flip(0).cumsum(0).flip(0)
+        scale = torch.cat([wj[j].expand(b - a) for j, (a, b) in enumerate(plan.bounds)])
+        if need_h:
+            grad_h.sub_(items.index_select(0, labels) * scale)
+        if need_e:
+            grad_e = grad_et.T.contiguous()
+            grad_e.index_add_(0, labels, hidden * scale, alpha=-1)
+    return loss, lse, grad_h, grad_e
+
+
+def _scalar_multiple(g, w):
+    """c with g == c * w (to a few ulps of g's dtype), or None."""
+    if torch.equal(g, w.to(g.dtype)):
+        return 1.0
+    g64, w64 = g.double(), w.to(device=g.device, dtype=torch.float64)
+    ww = float((w64 * w64).sum())
+    if ww == 0.0:
+        return 0.0 if not bool(g64.any()) else None
+    c = float((g64 * w64).sum()) / ww
+    tol = 4 * torch.finfo(g.dtype).eps
+    if bool(((g64 - c * w64).abs() <= tol * (c * w64).abs() + 1e-300).all()):
+        return c
+    return None
+
+
+class _MatryoshkaCESinglePass(torch.autograd.Function):
+    """Forward computes the loss and the gradients for upstream ``weights``; backward reuses them
+    when the upstream gradient is a multiple of ``weights``, else recomputes (exact for any)."""
+
+    @staticmethod
+    def forward(ctx, hidden, items, labels, sizes, weights, row_block, chunk_size):
+        plan = _Plan(sizes)
+        need_h, need_e = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        hidden_c, items_c = hidden.contiguous(), items.contiguous()
+        loss, lse, grad_h, grad_e = _single_pass(plan, hidden_c, items_c, labels, weights,
+                                                 row_block, need_h, need_e)
+        ctx.save_for_backward(hidden, items, labels, lse)
+        ctx.plan, ctx.c, ctx.weights = plan, chunk_size, weights
+        ctx.grads = (grad_h, grad_e)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_e = ctx.grads
+        ctx.grads = None
+        c = _scalar_multiple(grad_out, ctx.weights)
+        if c is None:  # upstream differs from the weights used in forward: recompute
+            hidden, items, labels, lse = ctx.saved_tensors
+            grad_h, grad_e = _recompute_backward(
+                ctx.plan, ctx.c, hidden, items, labels, lse, grad_out,
+                ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        elif c != 1.0:
+            grad_h = None if grad_h is None else grad_h * c
+            grad_e = None if grad_e is None else grad_e * c
+        if not ctx.needs_input_grad[0]:
+            grad_h = None
+        if not ctx.needs_input_grad[1]:
+            grad_e = None
+        return grad_h, grad_e, None, None, None, None, None
+
+
+def matryoshka_cross_entropy(hidden, items, labels, sizes, chunk_size=0, weights=None,
+                             row_block=0):
     """Per-size mean cross-entropy ``[K]`` over a full softmax on ``items``.
 
     hidden [P, d] states at labelled positions; items [N, d] the item table without the padding
     row; labels [P] row indices into ``items``; sizes increasing, sizes[-1] == d.
 
     ``chunk_size`` > 0: fused chunked path with that many items per chunk. ``chunk_size`` == 0:
-    automatic -- the plain reference when K*P*N is small, else the fused path with
-    ``auto_chunk_size``. ``chunk_size`` < 0: always the plain reference. Differentiable wrt
-    ``hidden`` and ``items``; the backward pass honours per-size upstream weights.
+    automatic -- the plain reference when K*P*N is small (on CUDA: when the K*P*N logits fit
+    ``CUDA_PLAIN_BYTES``), else a fused path. ``chunk_size`` < 0: always the plain reference.
+    Differentiable wrt ``hidden`` and ``items``; the backward pass honours any per-size upstream
+    weights.
+
+    ``weights`` [K] (optional): the upstream gradient the caller expects (e.g. the per-size loss
+    weights when the caller returns ``sum_k weights_k * CE_k``). With it (and ``chunk_size`` >= 0
+    not picking the plain path) the single-pass variant is used: the forward walks blocks of
+    ``row_block`` rows (0: ``auto_row_block``) and computes the gradients along with the loss;
+    backward returns them (scaled, if the upstream is a multiple of ``weights``) or, for any
+    other upstream, falls back to the chunked recompute with ``chunk_size`` items per chunk.
     """
     sizes = _check_sizes(sizes, hidden.shape[-1])
-    P, N = hidden.shape[0], items.shape[0]
-    if chunk_size < 0 or (chunk_size == 0 and len(sizes) * P * N < AUTO_PLAIN_BELOW) or P == 0:
+    K, P, N = len(sizes), hidden.shape[0], items.shape[0]
+    if weights is not None:
+        weights = torch.as_tensor(weights).detach()
+        if weights.shape != (K,):
+            raise ValueError(f"weights: need shape ({K},), got {tuple(weights.shape)}")
+    path, r, c = choose_path(hidden.device.type, hidden.element_size(), K, P, N, chunk_size,
+                             weights is not None, row_block)
+    if path == "reference":
         return matryoshka_cross_entropy_reference(hidden, items, labels, sizes)
-    if chunk_size == 0:
-        chunk_size = auto_chunk_size(len(sizes), P, N)
-    return _MatryoshkaCE.apply(hidden, items, labels, sizes, int(chunk_size))
+    if path == "single":
+        return _MatryoshkaCESinglePass.apply(hidden, items, labels, sizes, weights, r, c)
+    return _MatryoshkaCE.apply(hidden, items, labels, sizes, c)
+
+
+def choose_path(device_type, elem_size, K, P, N, chunk_size=0, has_weights=False, row_block=0):
+    """``(path, rows per block, items per chunk)`` used by ``matryoshka_cross_entropy``; path is
+    ``"reference"`` (materialise), ``"single"`` (single pass) or ``"chunked"`` (item chunks,
+    recompute in backward)."""
+    if P == 0 or chunk_size < 0:
+        return "reference", 0, 0
+    cuda = device_type == "cuda"
+    if chunk_size == 0 and ((K * P * N * elem_size <= CUDA_PLAIN_BYTES) if cuda
+                            else (K * P * N < AUTO_PLAIN_BELOW)):
+        return "reference", 0, 0
+    budget = CUDA_PLAIN_BYTES // elem_size if cuda else None
+    c = int(chunk_size) or auto_chunk_size(K, P, N, budget)
+    if has_weights:
+        return "single", int(row_block) or auto_row_block(K, P, N, budget), c
+    return "chunked", 0, c
