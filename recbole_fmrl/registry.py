@@ -1,6 +1,7 @@
 """Name -> class lookups that know the plugin's models and fall back to RecBole's."""
 import importlib
 
+import torch
 from recbole.utils import get_model as recbole_get_model
 
 PLUGIN_MODELS = {
@@ -13,7 +14,13 @@ PLUGIN_MODELS = {
 def get_model(name):
     if name in PLUGIN_MODELS:
         return getattr(importlib.import_module(PLUGIN_MODELS[name]), name)
-    return recbole_get_model(name)
+    anomaly = torch.is_anomaly_enabled()
+    model = recbole_get_model(name)
+    # Importing any RecBole sequential model imports SINE, whose module switches autograd anomaly
+    # detection on for the whole process (recbole/model/sequential_recommender/sine.py), making
+    # every backward pass several times slower. Looking a model up must not change global state.
+    torch.autograd.set_detect_anomaly(anomaly)
+    return model
 
 
 def uses_fmrl_dataset(model_class):

@@ -164,3 +164,10 @@ def test_atomic_writes_have_ordinary_permissions(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_recbole_model_lookup_leaves_anomaly_detection_off():
+    from recbole_fmrl.registry import get_model
+
+    assert get_model("SASRec").__name__ == "SASRec"
+    assert not torch.is_anomaly_enabled()
