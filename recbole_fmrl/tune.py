@@ -337,8 +337,33 @@ _DATASETS = OrderedDict()  # per worker process: dataset key -> dataset as loade
 DATASET_CACHE_SIZE = 2
 
 
+def recbole_dataset_arguments():
+    """RecBole's own list of dataset keys, as written in its source.
+
+    ``config.parameters["Dataset"]`` cannot be used: it *is* RecBole's module-level list, and every
+    Config appends the keys of the dataset's YAML files to it, for the rest of the process (the
+    plugin's ml-100k.yaml sets hidden_size, so hidden_size would become a "dataset" key and every trial
+    of a hidden-size grid would reload the data).
+    """
+    global _RECBOLE_DATASET_ARGUMENTS
+    if _RECBOLE_DATASET_ARGUMENTS is None:
+        import inspect
+
+        import recbole.utils.argument_list as argument_list
+
+        tree = ast.parse(inspect.getsource(argument_list))
+        _RECBOLE_DATASET_ARGUMENTS = next(
+            ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)
+            and any(getattr(t, "id", None) == "dataset_arguments" for t in node.targets))
+    return _RECBOLE_DATASET_ARGUMENTS
+
+
+_RECBOLE_DATASET_ARGUMENTS = None
+
+
 def dataset_key(config):
-    keys = sorted(set(config.parameters["Dataset"]) | set(DATASET_INIT_KEYS))
+    """What the loaded dataset depends on: RecBole's dataset keys and the keys the datasets' __init__ read."""
+    keys = sorted(set(recbole_dataset_arguments()) | set(DATASET_INIT_KEYS))
     return repr([(k, config[k]) for k in keys])
 
 
@@ -388,9 +413,11 @@ def build_run(model, dataset, config_dict, log=True):
             root.removeHandler(handler)  # trial logs go to <trial>/fmrl/log/, not the console
     ensure_item_features(config)
     data = cached_dataset(config)
+    getLogger().info(data)
     train_data, valid_data, test_data = data_preparation(config, data)
     init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
     net = get_model(config["model"])(config, train_data._dataset).to(config["device"])
+    getLogger().info(net)  # as quick_start.prepare: str(FMRLRec) builds sub-models, which draws random numbers
     trainer = get_trainer(config["model"])(config, net)
     # importing any RecBole sequential model imports SINE, whose module turns on autograd anomaly
     # detection for the whole process (a stack trace per op: baselines train several times slower)

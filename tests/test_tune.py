@@ -220,8 +220,9 @@ def test_best_yaml_reproduces_the_validation_score(search):
     assert best["attn_dropout_prob"] == best["hidden_dropout_prob"] / 2  # derived keys are written out
     assert not set(fmrl_tune.TRIAL_KEYS) & set(best)
     torch.set_num_threads(1)  # as the trial (1 CPU)
+    # as `run_recbole_fmrl.py --config_files best.yaml` does it (logging on, at the YAML's `state` level)
     rerun = run(model=best["model"], dataset=best["dataset"], config_file_list=[summary["best_yaml"]],
-                config_dict={"fmrl_output_dir": str(tmp / "rerun"), "show_progress": False}, log=False)
+                config_dict={"fmrl_output_dir": str(tmp / "rerun"), "show_progress": False}, log=True)
     assert rerun["best_valid_score"] == summary["selected"]["reported_valid_score"]
     assert rerun["test_result"]["ndcg@10"] == pytest.approx(summary["selected"]["test"]["ndcg@10"], abs=1e-9)
 
