@@ -26,6 +26,19 @@ Implementation notes (CPU, measured in ``benchmarks/bench_loss.py``):
   block width; the backward uses the reverse cumulative sum over sizes so that block ``j``'s
   gradient is one GEMM of width ``|blk_j|`` per direction.
 * The one-hot part of the gradient is applied once, outside the chunk loop.
+
+Single-pass variant (``weights=`` given, e.g. the model's per-size loss weights): the caller's
+upstream gradient is known before the forward, so the forward walks blocks of rows instead of
+items -- for each block the K sizes' logits over all N items (a ``[K, r, N]`` buffer), their exact
+per-size softmax (the whole row is at hand), and the block's gradients wrt hidden and items --
+Liger-Kernel fused-linear-CE style. That is 3 GEMMs of plain CE's size and K exps per logit
+(the recompute path: 4 GEMMs and 2K exps). Backward returns the stored gradients, scaled when
+the upstream is a multiple of ``weights`` (loss scaling), and otherwise falls back to the
+chunked recompute, so it is exact for any upstream. Extra memory: one ``[P, d]`` and one
+``[N, d]`` gradient held from forward to backward.
+
+On CUDA, ``chunk_size == 0`` materialises all logits (the reference path) whenever they fit
+``CUDA_PLAIN_BYTES``: there the Python loop is launch-bound (see ``CUDA_PLAIN_BYTES``).
 """
 import math
 
@@ -323,9 +336,10 @@ class _MatryoshkaCESinglePass(torch.autograd.Function):
     when the upstream gradient is a multiple of ``weights``, else recomputes (exact for any)."""
 
     @staticmethod
-    def forward(ctx, hidden, items, labels, sizes, weights, row_block, chunk_size):
+    def forward(ctx, hidden, items, labels, sizes, weights, row_block, chunk_size, grad_enabled):
         plan = _Plan(sizes)
-        need_h, need_e = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        # needs_input_grad is set from requires_grad even under torch.no_grad(): check both
+        need_h, need_e = (grad_enabled and n for n in ctx.needs_input_grad[:2])
         hidden_c, items_c = hidden.contiguous(), items.contiguous()
         loss, lse, grad_h, grad_e = _single_pass(plan, hidden_c, items_c, labels, weights,
                                                  row_block, need_h, need_e)
@@ -351,7 +365,7 @@ class _MatryoshkaCESinglePass(torch.autograd.Function):
             grad_h = None
         if not ctx.needs_input_grad[1]:
             grad_e = None
-        return grad_h, grad_e, None, None, None, None, None
+        return grad_h, grad_e, None, None, None, None, None, None
 
 
 def matryoshka_cross_entropy(hidden, items, labels, sizes, chunk_size=0, weights=None,
@@ -385,7 +399,8 @@ def matryoshka_cross_entropy(hidden, items, labels, sizes, chunk_size=0, weights
     if path == "reference":
         return matryoshka_cross_entropy_reference(hidden, items, labels, sizes)
     if path == "single":
-        return _MatryoshkaCESinglePass.apply(hidden, items, labels, sizes, weights, r, c)
+        return _MatryoshkaCESinglePass.apply(hidden, items, labels, sizes, weights, r, c,
+                                             torch.is_grad_enabled())
     return _MatryoshkaCE.apply(hidden, items, labels, sizes, c)
 
 
