@@ -171,3 +171,11 @@ def test_recbole_model_lookup_leaves_anomaly_detection_off():
 
     assert get_model("SASRec").__name__ == "SASRec"
     assert not torch.is_anomaly_enabled()
+
+
+def test_submodel_and_its_parameter_count_leave_the_rng_alone(tiny_config):
+    _, net, _, _ = build(tiny_config)
+    state = torch.get_rng_state()
+    str(net)  # logs nested parameter counts per size, which builds sub-models
+    net.submodel(8)
+    assert torch.equal(torch.get_rng_state(), state)

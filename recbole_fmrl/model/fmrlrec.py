@@ -151,6 +151,10 @@ class FMRLRec(SequentialRecommender):
         """A standalone size-m FMRLRec whose weights are the first-m slices of this model's."""
         if size not in self.sizes:
             raise ValueError(f"size {size} is not one of the nested sizes {self.sizes}")
+        with torch.random.fork_rng(devices=[]):  # building the sub-model must not consume the run's RNG
+            return self._build_submodel(size)
+
+    def _build_submodel(self, size):
         config, dataset = self._build_args
         config = copy.copy(config)
         config.final_config_dict = dict(config.final_config_dict, hidden_size=size,
