@@ -417,7 +417,7 @@ def build_run(model, dataset, config_dict, log=True):
     train_data, valid_data, test_data = data_preparation(config, data)
     init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
     net = get_model(config["model"])(config, train_data._dataset).to(config["device"])
-    getLogger().info(net)  # as quick_start.prepare: str(FMRLRec) builds sub-models, which draws random numbers
+    getLogger().info(net)  # as quick_start.prepare, so that a trial and a rerun do the same things in the same order
     trainer = get_trainer(config["model"])(config, net)
     # importing any RecBole sequential model imports SINE, whose module turns on autograd anomaly
     # detection for the whole process (a stack trace per op: baselines train several times slower)
