@@ -33,11 +33,17 @@ def main(argv=None):
 
         return tune_main(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", "-m", default="FMRLRec", help="FMRLRec, LRURec, FMLPRec or any RecBole model")
-    parser.add_argument("--dataset", "-d", default="ml-100k", help="dataset name (folder under data_path)")
+    parser.add_argument("--model", "-m", default=None,
+                        help="FMRLRec (default), LRURec, FMLPRec or any RecBole model; a config file's model: also works")
+    parser.add_argument("--dataset", "-d", default=None,
+                        help="dataset name, a folder under data_path (default: RecBole's bundled ml-100k)")
     parser.add_argument("--config_files", nargs="*", default=None, help="YAML files, later ones win")
     parser.add_argument("--nproc", type=int, default=1, help=argparse.SUPPRESS)
     args, rest = parser.parse_known_args(argv)
+    # nargs="*" also swallows key=value pairs written after the file list: give them back
+    files = [f for f in args.config_files or [] if "=" not in f or f.endswith((".yaml", ".yml"))]
+    rest += [f for f in args.config_files or [] if f not in files]
+    args.config_files = files or None
     from recbole_fmrl.quick_start import run
 
     run(model=args.model, dataset=args.dataset, config_file_list=args.config_files,

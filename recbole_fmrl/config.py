@@ -27,6 +27,10 @@ def default_cache_dir():
 
 
 class Config(RecBoleConfig):
+    def _init_parameters_category(self):
+        super()._init_parameters_category()
+        self.parameters = {k: list(v) for k, v in self.parameters.items()}  # RecBole mutates these in place
+
     def _load_cmd_line(self):
         return {}
 
@@ -45,7 +49,9 @@ class Config(RecBoleConfig):
             if path.is_file():
                 loaded = self._update_internal_config_dict(path)
                 if path.parent.name == "dataset" and loaded:
-                    self.parameters["Dataset"] += [k for k in loaded if k not in self.parameters["Dataset"]]
+                    # a new list: RecBole's += would grow its module-level dataset_arguments for good
+                    self.parameters["Dataset"] = self.parameters["Dataset"] + [
+                        k for k in loaded if k not in self.parameters["Dataset"]]
 
     def _set_default_parameters(self):
         super()._set_default_parameters()
