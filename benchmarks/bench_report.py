@@ -89,7 +89,7 @@ def settings_text(run):
     return ", ".join(parts)
 
 
-def row_summary(tag, row, spec, entry, paper, not_run_reason):
+def row_summary(tag, row, spec, entry, paper, not_run_reason, unavailable=None):
     runs = entry["runs"] if entry else []
     out = OrderedDict(tag=tag, row=row, model=spec["model"], group=spec.get("group", ""),
                       paper_name=spec.get("paper_name", ""), status="", reason="", seeds="", n_seeds=len(runs))
@@ -123,8 +123,8 @@ def row_summary(tag, row, spec, entry, paper, not_run_reason):
         out["device"] = runs[0]["env"].get("device")
         out["cpu"] = runs[0]["env"].get("cpu")
         out["gpu"] = runs[0]["env"].get("gpu")
-    elif entry and entry.get("unavailable"):
-        out["status"], out["reason"] = "cannot run", entry["unavailable"]
+    elif (entry and entry.get("unavailable")) or unavailable:
+        out["status"], out["reason"] = "cannot run", (entry or {}).get("unavailable") or unavailable
     elif entry and entry.get("failed"):
         out["status"], out["reason"] = "failed", entry["failed"][-1].get("error", "")
     else:
@@ -147,7 +147,7 @@ def summaries(dataset, results_dir, settings):
     for tag in tags:
         for row, spec in settings["rows"].items():
             table.append(row_summary(tag, row, spec, runs.get(tag, {}).get(row), (ds.get("paper") or {}).get(row),
-                                     _pattern_value(ds.get("not_run"), row)))
+                                     _pattern_value(ds.get("not_run"), row), _pattern_value(ds.get("unavailable"), row)))
     return runs, table
 
 
