@@ -37,6 +37,7 @@ import subprocess
 import sys
 import time
 import traceback
+import types
 from pathlib import Path
 
 import yaml
@@ -258,7 +259,8 @@ def execute(job):
                 raise TimeBudgetReached
 
     trainer._train_epoch = timed(trainer._train_epoch, train_times, train_cpu)
-    trainer._valid_epoch = timed(trainer._valid_epoch, valid_times, valid_cpu)
+    trainer._valid_epoch = timed(largest_size_only(trainer, trainer._valid_epoch) if job.get("fast_valid", True)
+                                 else trainer._valid_epoch, valid_times, valid_cpu)
     stopped_by = "max epochs"
     try:
         trainer.fit(train_data, valid_data, saved=True, show_progress=False, callback_fn=check_budget)
@@ -307,6 +309,24 @@ def execute(job):
         "loadavg_start": load0, "loadavg_end": os.getloadavg(), "env": environment(device),
         "checkpoint": checkpoint, "isolated": job.get("isolated", False),
     }
+
+
+def largest_size_only(trainer, valid_epoch):
+    """Per-epoch validation of the largest size only (what early stopping reads).
+
+    FMRLTrainer scores every nested size in each validation pass (K top-k sorts over all items); early
+    stopping uses the largest size alone, which RecBole's own ``evaluate`` computes through the model's
+    ``full_sort_predict``. The final validation and test passes still report every size.
+    """
+    from recbole.trainer import Trainer
+
+    def wrapper(*args, **kwargs):
+        trainer.evaluate = types.MethodType(Trainer.evaluate, trainer)
+        try:
+            return valid_epoch(*args, **kwargs)
+        finally:
+            del trainer.evaluate  # back to FMRLTrainer.evaluate
+    return wrapper
 
 
 RESOLVED_KEYS = {"hidden_size", "n_layers", "inner_size", "embedding_size", "num_layers", "hidden_dropout_prob",

@@ -223,3 +223,18 @@ def test_harness_time_budget_stops_after_an_epoch(tmp_path, tiny_root):
     assert run_benchmark.main(args) == 0
     result = json.loads((tmp_path / "results" / "tiny" / "runs" / "cpu" / "LRURec" / "seed-2020.json").read_text())
     assert result["stopped_by"] == "time budget" and result["epochs"] == 1 and result["best_epoch"] == 1
+
+
+def test_harness_largest_size_validation_matches_the_per_size_trainer(tiny_config, tmp_path):
+    """Per-epoch validation of the largest size only gives the same curve, checkpoint and results."""
+    results = []
+    for fast in (True, False):
+        config = tiny_config(hidden_size=16, fmrl_sizes=[8, 16], epochs=3, fmrl_modality="text")
+        job = {"row": "FMRLRec-text", "model": "FMRLRec", "dataset": "tiny", "seed": 2020, "tag": "cpu", "key": "k",
+               "command": "test", "config": config, "device": "cpu", "threads": 1, "max_train_seconds": None,
+               "output_dir": str(tmp_path / f"fast-{fast}"), "fast_valid": fast}
+        results.append(run_benchmark.execute(job))
+    fast, full = results
+    assert len(fast["valid_curve"]) == 3 and fast["valid_curve"] == full["valid_curve"]
+    assert fast["test"] == full["test"] and fast["size_results"] == full["size_results"]
+    assert sorted(fast["size_results"], key=int) == ["8", "16"]
