@@ -402,9 +402,11 @@ def build_run(model, dataset, config_dict, log=True):
 
     from recbole_fmrl.data.auto_features import ensure_item_features
     from recbole_fmrl.outputs import init_logger
+    from recbole_fmrl.quick_start import set_numerics
     from recbole_fmrl.registry import get_model, get_trainer
 
     config = make_config(model, dataset, config_dict)
+    set_numerics(config)
     init_seed(config["seed"], config["reproducibility"])
     if log:
         init_logger(config)

@@ -314,3 +314,25 @@ def test_choose_path_cpu_and_cuda():
     assert path == "single" and K * r * big * 4 <= L.CUDA_PLAIN_BYTES and r >= 8
     path, r, c = L.choose_path("cuda", 4, K, P, big, 0, False)
     assert path == "chunked" and K * P * c * 4 <= 1.01 * L.CUDA_PLAIN_BYTES
+
+
+def test_efficiency_flop_counter_sees_the_fused_loss_gemms():
+    """benchmarks/efficiency.py's FLOP bound: the single-pass loss (forward + backward) is 3 GEMMs
+    of plain CE's size plus the per-block shift columns; torch's own counter misses addmm_."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "efficiency.py"
+    spec = importlib.util.spec_from_file_location("efficiency_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    P, N, sizes = 48, 300, (8, 16, 32)
+    hidden, items, labels = _inputs(P, N, 32, torch.float64)
+    hidden.requires_grad_(True)
+    items.requires_grad_(True)
+    with bench.flop_counter() as counter:
+        L.matryoshka_cross_entropy(hidden, items, labels, sizes, chunk_size=64, weights=torch.ones(3),
+                                   row_block=16).sum().backward()
+    forward = 2 * P * N * (32 + len(sizes))  # every block GEMM carries one folded-shift column
+    backward = 2 * (2 * P * N * 32)  # grad wrt hidden and wrt items, block by block
+    assert counter.get_total_flops() == forward + backward

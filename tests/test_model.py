@@ -94,7 +94,7 @@ def test_windows_keep_every_training_interaction(tiny_config):
 
 
 def test_features_align_to_recbole_ids(tiny_config):
-    _, net, _, data = build(tiny_config, fmrl_modality="text_image")
+    _, net, _, data = build(tiny_config, fmrl_modality="text_image", fmrl_feature_norm="none")
     ds = data[0]._dataset
     feats = net.item_encoder.features
     tokens = ds.field2id_token["item_id"]
@@ -102,6 +102,28 @@ def test_features_align_to_recbole_ids(tiny_config):
     for i in range(1, len(tokens)):
         assert feats[i, 0].item() == int(tokens[i])  # text column 0 encodes the token
         assert feats[i, 12].item() == -int(tokens[i])  # image column 0 (after 12 text dims)
+
+
+def test_standardized_features_match_a_numpy_reference(tiny_config):
+    _, raw_net, _, _ = build(tiny_config, fmrl_modality="text_image", fmrl_feature_norm="none")
+    _, net, _, _ = build(tiny_config, fmrl_modality="text_image")  # the YAML default: standardize
+    raw, feats = raw_net.item_encoder.features.double(), net.item_encoder.features.double()
+    for cols in (slice(0, 12), slice(12, None)):  # each modality on its own
+        real = raw[1:, cols].numpy()
+        std = real.std(axis=0)
+        expected = (real - real.mean(axis=0)) / np.where(std > 1e-8, std, 1.0)
+        np.testing.assert_allclose(feats[1:, cols].numpy(), expected, rtol=1e-5, atol=1e-5)
+    assert torch.all(feats[0] == 0)  # padding row stays zero
+
+
+def test_standardize_skips_placeholder_rows_and_rejects_unknown_norms():
+    array = np.array([[0, 0], [1, 5], [3, 5], [9, 9]], dtype=np.float32)
+    mask = np.array([False, True, True, False])
+    out = feature_files.normalize(array, mask, "standardize")
+    np.testing.assert_allclose(out, [[0, 0], [-1, 0], [1, 0], [0, 0]])  # dim 1 constant: centred only
+    assert feature_files.normalize(array, mask, "none") is array
+    with pytest.raises(ValueError, match="fmrl_feature_norm.*'pca'"):
+        feature_files.normalize(array, mask, "pca")
 
 
 def test_auto_modality_and_bad_values(tiny_config):
@@ -179,3 +201,14 @@ def test_submodel_and_its_parameter_count_leave_the_rng_alone(tiny_config):
     str(net)  # logs nested parameter counts per size, which builds sub-models
     net.submodel(8)
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_prepare_sets_flush_denormal_from_config(tiny_config):
+    tiny = torch.tensor([1e-39])  # subnormal in float32
+    try:
+        build(tiny_config, fmrl_flush_denormal=False)
+        assert (tiny * 1.0).item() != 0.0
+        build(tiny_config)  # overall.yaml default: flush
+        assert (tiny * 1.0).item() == 0.0
+    finally:
+        torch.set_flush_denormal(False)

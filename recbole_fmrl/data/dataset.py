@@ -44,16 +44,20 @@ class FMRLDataset(SequentialDataset):
             raise ValueError(f"fmrl_modality: unknown value {requested!r}; expected auto or one of {MODALITY_CHOICES}")
         return requested
 
-    def item_features(self, parts):
-        """Concatenated frozen features [item_num, F] (float32) in internal-id order; row 0 zero."""
+    def item_features(self, parts, norm="none"):
+        """Concatenated frozen features [item_num, F] (float32) in internal-id order; row 0 zero.
+
+        ``norm`` (see ``features.normalize``) applies to each modality's table on its own.
+        """
         tables = []
         for modality in parts:
-            if modality not in self._feature_cache:
+            if (modality, norm) not in self._feature_cache:
                 table = feature_files.read_modality(self.feature_dir, self.dataset_name, modality)
                 source = feature_files.paths(self.feature_dir, self.dataset_name)[modality]
-                aligned, _ = feature_files.align(table, self.field2id_token[self.iid_field], source=source)
-                self._feature_cache[modality] = torch.from_numpy(aligned)
-            tables.append(self._feature_cache[modality])
+                aligned, mask = feature_files.align(table, self.field2id_token[self.iid_field], source=source)
+                normed = feature_files.normalize(aligned, mask, norm)
+                self._feature_cache[modality, norm] = torch.from_numpy(normed)
+            tables.append(self._feature_cache[modality, norm])
         return torch.cat(tables, dim=1)
 
     def build(self):

@@ -70,7 +70,8 @@ class FMRLRec(SequentialRecommender):
         if parts:
             if not hasattr(dataset, "item_features"):
                 raise ValueError(f"fmrl_modality={self.modality!r} needs FMRLDataset (use recbole_fmrl's quick_start)")
-            self.item_encoder = FeatureFusion(dataset.item_features(parts), self.hidden_size)
+            features = dataset.item_features(parts, config["fmrl_feature_norm"] or "none")
+            self.item_encoder = FeatureFusion(features, self.hidden_size)
         else:
             self.item_encoder = IdEmbedding(self.n_items, self.hidden_size)
         self.input_dropout = nn.Dropout(self.hidden_dropout_prob)
