@@ -259,6 +259,33 @@ def test_single_pass_large_logits_overflow_guard(scale):
     torch.testing.assert_close(gout[1].double(), gref[1], rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_single_pass_guard_shift_carried_to_later_sizes_never_underflows(dtype):
+    """Block 1 puts item 0 ~300 nats above every label (the guard re-shifts size 1 by its max and
+    the chained size 2 inherits that shift); block 2 cancels it, so size 2's logits all sit ~300
+    below the inherited shift and would underflow to a zero sum without the second check."""
+    P, N = 6, 40
+    g = torch.Generator().manual_seed(5)
+    hidden = torch.randn(P, 8, generator=g, dtype=dtype)
+    items = torch.randn(N, 8, generator=g, dtype=dtype)
+    hidden[:, 0], hidden[:, 4] = 10.0, 10.0
+    items[:, 0], items[:, 4] = 0.0, 0.0
+    items[0, 0], items[0, 4] = 30.0, -30.0  # size-4 logit of item 0 = +300, size-8 logit: cancelled
+    labels = torch.arange(1, P + 1)
+    sizes, w = [4, 8], torch.tensor([1.0, 1.0])
+    hd, it = hidden.double().requires_grad_(), items.double().requires_grad_()
+    ref, gref = _value_and_grads(lambda: matryoshka_cross_entropy_reference(hd, it, labels, sizes), hd, it, w.double())
+    hidden.requires_grad_(True)
+    items.requires_grad_(True)
+    out = _sp(hidden, items, labels, sizes, w, 3)()
+    gout = torch.autograd.grad((out * w).sum(), [hidden, items])
+    assert ref[0] > 250  # the label is far below item 0 at size 4
+    tol = dict(rtol=1e-4, atol=1e-3) if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(out.detach().double(), ref, **tol)
+    torch.testing.assert_close(gout[0].double(), gref[0], **tol)
+    torch.testing.assert_close(gout[1].double(), gref[1], **tol)
+
+
 def test_single_pass_one_input_requires_grad_and_no_grad():
     hidden, items, labels = _inputs(20, 60, 8, torch.float64)
     sizes, w = [2, 8], torch.tensor([0.5, 0.5], dtype=torch.float64)

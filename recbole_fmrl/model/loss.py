@@ -60,8 +60,8 @@ AUTO_ROW_BUFFER_ELEMS = 8 * 1024 * 1024
 CUDA_PLAIN_BYTES = 1 << 30
 # Below this many K*P*N logits the plain reference path is used when chunk_size == 0.
 AUTO_PLAIN_BELOW = 2 * 1024 * 1024
-# Overflow guard for the folded shift: a chunk whose per-row sum of exponentials exceeds
-# exp(_GUARD) is recomputed with a max-based shift.
+# Guard for the folded shift: a chunk whose per-row sum of exponentials exceeds exp(_GUARD) (or,
+# in the single pass, falls below exp(-_GUARD)) is recomputed with a max-based shift.
 _GUARD = 50.0
 
 
@@ -281,16 +281,20 @@ def _single_pass(plan, hidden, items, labels, weights, r, need_h, need_e):
         R = rbuf[: rr * N].view(rr, N)
         S = sbuf[: (K if need_g else 1) * rr * N].view(-1, rr, N)
         rm = [m[rows] for m in mats]
+        carried = None  # per-row shift added by the guard so far; chained sizes inherit it via R
         for k in range(K):
-            plan.step(R, rm, e_aug, k)  # R = logits_k - shift_k for these rows
+            plan.step(R, rm, e_aug, k)  # R = logits_k - shift_k - carried for these rows
             T = S[k] if need_g else S[0]
             torch.exp(R, out=T)
             s = torch.sum(T, -1, out=sums[k, rows])
-            if not bool((s <= limit).all()):  # a logit far above the shift: max-shift this size
-                delta = R.amax(-1).clamp_(min=0)
-                torch.sub(R, delta.unsqueeze(-1), out=T).exp_()
+            if not bool(((s <= limit) & (s >= 1 / limit)).all()):  # far from the shift: re-shift by the max
+                delta = R.amax(-1)
+                R.sub_(delta.unsqueeze(-1))  # in place, so the next (chained) sizes start shifted too
+                torch.exp(R, out=T)
                 torch.sum(T, -1, out=s)
-                extra[k, rows] = delta
+                carried = delta if carried is None else carried.add_(delta)
+            if carried is not None:
+                extra[k, rows] = carried
         if not need_g:
             continue
         coef = wp.unsqueeze(1) / sums[:, rows]  # [K, rr]: G_k = coef_k * exp(...)
