@@ -125,6 +125,7 @@ def main():
     ap.add_argument("--out", default="results/loss_bench.md")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)  # as in training (properties/overall.yaml: fmrl_flush_denormal)
     torch.manual_seed(0)
     P, N = args.P, args.N
     chunks = [int(c) for c in args.chunks.split(",") if c]
@@ -134,7 +135,7 @@ def main():
     lines.append(f"Command: `python {' '.join(sys.argv)}`")
     lines.append("")
     lines.append(f"- CPU: {cpu_name()}, {os.cpu_count()} logical cores, "
-                 f"torch.set_num_threads({args.threads})")
+                 f"torch.set_num_threads({args.threads}), subnormals flushed to zero")
     lines.append(f"- torch {torch.__version__}, capability "
                  f"{torch.backends.cpu.get_cpu_capability()}, float32")
     lines.append(f"- P = {P} labelled positions, N = {N} items; loadavg at start "

@@ -80,6 +80,8 @@ def settings_text(run):
         parts.append(f"{r['n_layers']} blk")
     if run["model"] == "FMRLRec":
         parts.append(f"sizes {r.get('fmrl_sizes') or '8..d'}")
+        if r.get("fmrl_modality") != "id":  # runs before the key existed used the raw features
+            parts.append("std. features" if r.get("fmrl_feature_norm") == "standardize" else "raw features")
     objective = r.get("fmrl_train_objective") if run["model"] in ("FMRLRec", "LRURec", "FMLPRec") else None
     parts.append("all-pos windows" if objective == "all_positions" else "prefix samples")
     drop = r.get("hidden_dropout_prob", r.get("dropout_prob"))

@@ -212,3 +212,13 @@ def test_prepare_sets_flush_denormal_from_config(tiny_config):
         assert (tiny * 1.0).item() == 0.0
     finally:
         torch.set_flush_denormal(False)
+
+
+def test_center_removes_the_mean_and_keeps_unit_mean_row_norm():
+    array = np.array([[0, 0], [1, 5], [3, 5], [5, 8], [9, 9]], dtype=np.float32)
+    mask = np.array([False, True, True, True, False])
+    out = feature_files.normalize(array, mask, "center")
+    real = array[mask] - array[mask].mean(axis=0)
+    np.testing.assert_allclose(out[mask], real / np.linalg.norm(real, axis=1).mean(), rtol=1e-6)
+    assert np.linalg.norm(out[mask], axis=1).mean() == pytest.approx(1.0)
+    assert not out[~mask].any()

@@ -166,29 +166,34 @@ def read_modality(folder, name, modality):
     return FeatureTable(modality, item_ids, np.asarray(array, dtype=np.float32), mask, meta)
 
 
-NORMS = ("standardize", "none")
+NORMS = ("center", "standardize", "none")
 
 
 def normalize(array, mask, norm):
     """Per-table feature normalisation before the fusion projection.
 
-    ``standardize``: every dimension to zero mean and unit variance over the rows that hold real
-    features (``mask``); placeholder rows stay zero. Pretrained sentence embeddings are
-    L2-normalised and anisotropic: every item shares a large common direction and each dimension
-    varies by ~1/sqrt(dim) across items, so Adam's fixed-size steps move the projected item table
-    slowly. Standardising removes the shared direction and puts every dimension on one scale;
-    it uses item content only (no interactions), so no split leaks. ``none``: the encoder's output
-    as stored (the paper's setting).
+    Pretrained sentence embeddings are anisotropic: every item shares one large common direction,
+    and what tells items apart is a small remainder. ``center`` removes the mean over the rows that
+    hold real features (``mask``) and rescales the table so that its rows have unit mean norm (the
+    scale of the encoder's L2-normalised output). ``standardize``: every dimension to zero mean
+    and unit variance (rows of norm ~sqrt(dim)). ``none``: the features as stored (the paper).
+    Placeholder rows stay zero; only item content is used (no interactions), so no split leaks.
     """
     if norm not in NORMS:
         raise ValueError(f"fmrl_feature_norm: unknown value {norm!r}; expected one of {NORMS}")
     if norm == "none" or not mask.any():
         return array
     real = array[mask].astype(np.float64)
-    std = real.std(axis=0)
-    out = (array - real.mean(axis=0)) / np.where(std > 1e-8, std, 1.0)  # constant dims: centred only
-    out[~mask] = 0.0
-    return out.astype(np.float32)
+    centred = real - real.mean(axis=0)
+    if norm == "standardize":
+        std = centred.std(axis=0)
+        scale = np.where(std > 1e-8, std, 1.0)  # constant dims: centred only
+    else:
+        norm_mean = np.linalg.norm(centred, axis=1).mean()
+        scale = norm_mean if norm_mean > 1e-12 else 1.0
+    out = np.zeros_like(array, dtype=np.float32)
+    out[mask] = centred / scale
+    return out
 
 
 def align(table, id2token, source="features"):
