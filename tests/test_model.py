@@ -106,7 +106,7 @@ def test_features_align_to_recbole_ids(tiny_config):
 
 def test_standardized_features_match_a_numpy_reference(tiny_config):
     _, raw_net, _, _ = build(tiny_config, fmrl_modality="text_image", fmrl_feature_norm="none")
-    _, net, _, _ = build(tiny_config, fmrl_modality="text_image")  # the YAML default: standardize
+    _, net, _, _ = build(tiny_config, fmrl_modality="text_image", fmrl_feature_norm="standardize")
     raw, feats = raw_net.item_encoder.features.double(), net.item_encoder.features.double()
     for cols in (slice(0, 12), slice(12, None)):  # each modality on its own
         real = raw[1:, cols].numpy()
@@ -212,6 +212,16 @@ def test_prepare_sets_flush_denormal_from_config(tiny_config):
         assert (tiny * 1.0).item() == 0.0
     finally:
         torch.set_flush_denormal(False)
+
+
+def test_default_feature_norm_is_center(tiny_config):
+    _, raw_net, _, _ = build(tiny_config, fmrl_modality="text", fmrl_feature_norm="none")
+    _, net, _, _ = build(tiny_config, fmrl_modality="text")
+    raw = raw_net.item_encoder.features[1:].numpy()
+    mask = np.ones(len(raw) + 1, dtype=bool)
+    mask[0] = False
+    expected = feature_files.normalize(np.concatenate([np.zeros((1, raw.shape[1]), np.float32), raw]), mask, "center")
+    np.testing.assert_allclose(net.item_encoder.features.numpy(), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_center_removes_the_mean_and_keeps_unit_mean_row_norm():
