@@ -75,3 +75,44 @@ def test_wider_state_is_nested():
     u2 = u.clone()
     u2[..., 8:] = torch.randn_like(u2[..., 8:])
     torch.testing.assert_close(layer(u2)[..., :8], layer(u)[..., :8], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("scan", ["dense", "doubling"])
+def test_length_buckets_equal_one_padded_scan_and_a_per_sequence_recurrence(scan):
+    from recbole_fmrl.model.lru import Packing
+
+    torch.manual_seed(0)
+    lengths = torch.tensor([3, 50, 1, 4, 2, 5, 3, 2, 4, 1, 6, 2])  # mostly short, one long: worth splitting
+    packing = Packing(lengths)
+    buckets = packing.buckets()
+    assert len(buckets) == 2 and buckets[0][0].length == 6 and buckets[1][0].length == 50
+    assert sorted(torch.cat([t for _, t in buckets]).tolist()) == list(range(int(lengths.sum())))
+    layer = LRULayer([4, 8], r_min=0.5, r_max=0.9, dropout=0.0, scan=scan).double()
+    with torch.no_grad():
+        layer.in_im.weight.normal_()  # non-zero imaginary input path
+        layer.out_im.weight.normal_()
+    u = torch.randn(int(lengths.sum()), 8, dtype=torch.float64, requires_grad=True)
+    outputs, grads = [], []
+    for bucketing in (True, False):
+        layer.bucketing = bucketing
+        y = layer(u, packing)
+        outputs.append(y)
+        grads.append(torch.autograd.grad((y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum(),
+                                         [u, layer.params_log, layer.in_re.weight]))
+    torch.testing.assert_close(outputs[0], outputs[1])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+    layer.scan = "sequential"  # each sequence alone, step by step
+    start = 0
+    for n in lengths.tolist():
+        alone = layer(u[start: start + n].unsqueeze(0)).squeeze(0)
+        torch.testing.assert_close(outputs[0][start: start + n], alone)
+        start += n
+
+
+def test_no_split_when_it_saves_little():
+    from recbole_fmrl.model.lru import Packing
+
+    assert len(Packing(torch.tensor([50, 49, 48, 50])).buckets()) == 1
+    assert len(Packing(torch.tensor([7])).buckets()) == 1
+    assert len(Packing(torch.tensor([5, 5, 5])).buckets()) == 1

@@ -204,12 +204,14 @@ def test_submodel_and_its_parameter_count_leave_the_rng_alone(tiny_config):
 
 
 def test_prepare_sets_flush_denormal_from_config(tiny_config):
-    tiny = torch.tensor([1e-39])  # subnormal in float32
+    def subnormal():
+        return (torch.tensor([1e-30]) * 1e-9).item()  # 1e-39: subnormal in float32
+
     try:
         build(tiny_config, fmrl_flush_denormal=False)
-        assert (tiny * 1.0).item() != 0.0
+        assert subnormal() != 0.0
         build(tiny_config)  # overall.yaml default: flush
-        assert (tiny * 1.0).item() == 0.0
+        assert subnormal() == 0.0
     finally:
         torch.set_flush_denormal(False)
 
