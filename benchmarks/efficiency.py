@@ -130,6 +130,7 @@ def worker(args):
     sync(device)
     step_s = (time.perf_counter() - start) / args.steps
     peak_kib = rss_hwm_kib() - base_kib
+    breakdown = time_breakdown(step, device)
     epoch_s = None
     if args.full_epoch:
         start = time.perf_counter()
@@ -143,7 +144,29 @@ def worker(args):
         "peak_rss_mib": peak_kib / 1024, "cuda_peak_mib": torch.cuda.max_memory_allocated() / 2**20
         if device.type == "cuda" else None, "gemm_flops": gemm_rate(device), "params": params,
         "train_samples": len(train.dataset) if hasattr(train, "dataset") else None,
-        "batch_size": config["train_batch_size"]}))
+        "batch_size": config["train_batch_size"], "breakdown_s": breakdown}))
+
+
+GEMM_OPS = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::addbmm"}
+
+
+def time_breakdown(step, device, steps=2):
+    """Seconds per step in GEMMs, in exp (the per-size softmaxes) and in everything else, from the
+    profiler's self CPU time (single-threaded: equal to wall time). CPU only."""
+    if device.type != "cpu":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    out = {"gemm": 0.0, "exp": 0.0, "other": 0.0}
+    for event in prof.key_averages():
+        if not event.key.startswith("aten::"):
+            continue  # Python-level ranges (autograd Functions) would count their children twice
+        kind = "gemm" if event.key in GEMM_OPS else "exp" if event.key in ("aten::exp", "aten::exp_") else "other"
+        out[kind] += event.self_cpu_time_total / 1e6 / steps
+    return out
 
 
 def hardware(device):
@@ -180,8 +203,6 @@ def main():
     for name, spec in table.items():
         if args.only and name not in args.only:
             continue
-        cmd = [sys.executable, __file__, "--worker", json.dumps(spec)] + [
-            a for a in sys.argv[1:] if a not in ("--only",) and not a.startswith("--out=")]
         print(f"[{len(results) + 1}/{len(table)}] {name} ...", flush=True)
         cmd = [sys.executable, __file__, "--worker", json.dumps(spec), "--dataset", args.dataset,
                "--data-path", args.data_path, "--modality", args.modality, "--steps", str(args.steps),
@@ -239,10 +260,40 @@ def report(args, results, sizes, hw, torch_version):
                      f"{a['gemm_flops']/1e9:.0f} GFLOP/s measured in the same process")
         if "SASRec" in ok:
             lines.append(f"- FMRLRec all-sizes epoch / RecBole SASRec epoch: **{epoch_time(a)/epoch_time(ok['SASRec']):.2f}** (< 1)")
+    parts = {k: v["breakdown_s"] for k, v in ok.items() if v.get("breakdown_s")}
+    if parts:
+        lines += ["", "## Where a step's time goes (profiler, self CPU time per step)", "",
+                  "| variant | GEMM (ms) | exp (ms) | other ops (ms) |", "|---|---|---|---|"]
+        lines += [f"| {k} | {b['gemm']*1e3:.0f} | {b['exp']*1e3:.0f} | {b['other']*1e3:.0f} |" for k, b in parts.items()]
+        lines += ["", f"![step time breakdown]({Path(args.out).with_suffix('.png').name})"]
+        plot_breakdown(parts, Path(args.out).with_suffix(".png"), args)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines) + "\n")
     Path(args.out).with_suffix(".json").write_text(json.dumps(results, indent=2))
     print("\n".join(lines))
+
+
+def plot_breakdown(parts, path, args):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(parts)
+    fig, ax = plt.subplots(figsize=(1.1 * len(names) + 2, 3.6))
+    bottom = [0.0] * len(names)
+    for kind, color in (("gemm", "#4c72b0"), ("exp", "#dd8452"), ("other", "#8c8c8c")):
+        vals = [parts[n][kind] * 1e3 for n in names]
+        ax.bar(names, vals, bottom=bottom, color=color, label=kind)
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    ax.set_ylabel("ms per training step")
+    ax.set_title(f"{args.dataset}, d = {args.hidden_size}, {args.device}, {args.threads} thread(s)")
+    ax.legend()
+    plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
