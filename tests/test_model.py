@@ -234,3 +234,22 @@ def test_center_removes_the_mean_and_keeps_unit_mean_row_norm():
     np.testing.assert_allclose(out[mask], real / np.linalg.norm(real, axis=1).mean(), rtol=1e-6)
     assert np.linalg.norm(out[mask], axis=1).mean() == pytest.approx(1.0)
     assert not out[~mask].any()
+
+
+def test_whiten_decorrelates_and_keeps_unit_mean_row_norm():
+    rng = np.random.default_rng(0)
+    mix = rng.normal(size=(6, 6)) * np.array([10, 3, 1, 0.3, 0.1, 0.03])
+    array = np.zeros((201, 6), dtype=np.float32)
+    array[1:] = rng.normal(size=(200, 6)) @ mix.T + 5  # correlated, anisotropic, off-centre
+    mask = np.ones(201, dtype=bool)
+    mask[0] = False
+    out = feature_files.normalize(array, mask, "whiten").astype(np.float64)
+    assert np.linalg.norm(out[1:], axis=1).mean() == pytest.approx(1.0, rel=1e-5)
+    cov = out[1:].T @ out[1:] / 200
+    np.testing.assert_allclose(cov - np.diag(np.diag(cov)), 0, atol=1e-6)  # decorrelated
+    real = array[1:].astype(np.float64) - array[1:].mean(axis=0)
+    lam = np.linalg.eigvalsh(real.T @ real / 200)  # ascending, the order of the output axes
+    kept = lam / (lam + feature_files.WHITEN_SHRINK * lam.mean())  # equal variance, damped by the ridge
+    np.testing.assert_allclose(np.diag(cov) / np.diag(cov).max(), kept / kept.max(), rtol=1e-4)
+    assert kept[-1] > 0.99 and kept[0] < 0.01  # the main axis keeps its share, a near-empty one is damped
+    assert not out[0].any()

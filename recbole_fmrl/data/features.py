@@ -166,7 +166,8 @@ def read_modality(folder, name, modality):
     return FeatureTable(modality, item_ids, np.asarray(array, dtype=np.float32), mask, meta)
 
 
-NORMS = ("center", "standardize", "none")
+NORMS = ("center", "whiten", "standardize", "none")
+WHITEN_SHRINK = 1e-2  # ridge added to the covariance eigenvalues, as a fraction of their mean
 
 
 def normalize(array, mask, norm):
@@ -176,7 +177,10 @@ def normalize(array, mask, norm):
     and what tells items apart is a small remainder. ``center`` removes the mean over the rows that
     hold real features (``mask``) and rescales the table so that its rows have unit mean norm (the
     scale of the encoder's L2-normalised output). ``standardize``: every dimension to zero mean
-    and unit variance (rows of norm ~sqrt(dim)). ``none``: the features as stored (the paper).
+    and unit variance (rows of norm ~sqrt(dim)). ``whiten``: centred, rotated onto the principal
+    axes and each axis scaled to equal variance (with a small ridge so near-empty axes are not blown
+    up), then rows rescaled to unit mean norm: the projection's gradient is then equally conditioned
+    in every direction. ``none``: the features as stored (the paper).
     Placeholder rows stay zero; only item content is used (no interactions), so no split leaks.
     """
     if norm not in NORMS:
@@ -185,6 +189,9 @@ def normalize(array, mask, norm):
         return array
     real = array[mask].astype(np.float64)
     centred = real - real.mean(axis=0)
+    if norm == "whiten":
+        vals, vecs = np.linalg.eigh(centred.T @ centred / len(centred))
+        centred = centred @ (vecs / np.sqrt(np.clip(vals, 0, None) + WHITEN_SHRINK * max(vals.mean(), 1e-12)))
     if norm == "standardize":
         std = centred.std(axis=0)
         scale = np.where(std > 1e-8, std, 1.0)  # constant dims: centred only
