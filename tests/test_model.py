@@ -216,13 +216,13 @@ def test_prepare_sets_flush_denormal_from_config(tiny_config):
         torch.set_flush_denormal(False)
 
 
-def test_default_feature_norm_is_center(tiny_config):
+def test_default_feature_norm_is_whiten(tiny_config):
     _, raw_net, _, _ = build(tiny_config, fmrl_modality="text", fmrl_feature_norm="none")
-    _, net, _, _ = build(tiny_config, fmrl_modality="text")
+    _, net, _, _ = build(tiny_config, fmrl_modality="text")  # the YAML default
     raw = raw_net.item_encoder.features[1:].numpy()
     mask = np.ones(len(raw) + 1, dtype=bool)
     mask[0] = False
-    expected = feature_files.normalize(np.concatenate([np.zeros((1, raw.shape[1]), np.float32), raw]), mask, "center")
+    expected = feature_files.normalize(np.concatenate([np.zeros((1, raw.shape[1]), np.float32), raw]), mask, "whiten")
     np.testing.assert_allclose(net.item_encoder.features.numpy(), expected, rtol=1e-5, atol=1e-6)
 
 
