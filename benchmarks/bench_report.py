@@ -67,6 +67,9 @@ def fmt_params(n):
     return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.0f}k"
 
 
+FEATURE_NORMS = {"whiten": "whitened", "center": "centred", "standardize": "standardized", "none": "raw"}
+
+
 def settings_text(run):
     """A short description of the row's size and training signal."""
     r, cfg = run.get("resolved") or {}, run.get("config") or {}
@@ -81,7 +84,7 @@ def settings_text(run):
     if run["model"] == "FMRLRec":
         parts.append(f"sizes {r.get('fmrl_sizes') or '8..d'}")
         if r.get("fmrl_modality") != "id":  # runs before the key existed used the raw features
-            parts.append("std. features" if r.get("fmrl_feature_norm") == "standardize" else "raw features")
+            parts.append(f"{FEATURE_NORMS.get(r.get('fmrl_feature_norm'), 'raw')} features")
     objective = r.get("fmrl_train_objective") if run["model"] in ("FMRLRec", "LRURec", "FMLPRec") else None
     parts.append("all-pos windows" if objective == "all_positions" else "prefix samples")
     drop = r.get("hidden_dropout_prob", r.get("dropout_prob"))
