@@ -21,10 +21,11 @@ Implementation notes (CPU, measured in ``benchmarks/bench_loss.py``):
   (a logit more than ~50 nats above the shift, or an overflow) is recomputed with a max-based
   shift, so the result is exact for any logit range. In the backward the shift is
   ``lse_k - log(g_k / P)``, so ``exp`` yields ``g_k / P * softmax_k`` directly.
-* Sizes are produced either directly (``H[:, :m_k] @ E[:, :m_k]^T``) or chained
-  (``logits_k = logits_{k-1} + H_k @ E_k^T`` with ``addmm``) -- whichever is cheaper for the
-  block width; the backward uses the reverse cumulative sum over sizes so that block ``j``'s
-  gradient is one GEMM of width ``|blk_j|`` per direction.
+* Sizes are chained in place (``logits_k = logits_{k-1} + H_k @ E_k^T`` with ``addmm_``), so
+  the forward costs the FLOPs of the largest size; the backward uses the reverse cumulative sum
+  over sizes so that block ``j``'s gradient is one GEMM of width ``|blk_j|`` per direction. The
+  narrow blocks (8-32 wide) are the price: each such GEMM reads a whole ``[rows, items]`` buffer
+  for little arithmetic (``results/efficiency.md`` profiles it).
 * The one-hot part of the gradient is applied once, outside the chunk loop.
 
 Single-pass variant (``weights=`` given, e.g. the model's per-size loss weights): the caller's
