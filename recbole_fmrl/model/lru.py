@@ -126,12 +126,13 @@ class Packing:
         if self._buckets is None:
             self._buckets = [(self, None)]
             if self.batch > 1:
-                lengths = self.lengths.tolist()
                 full = self.batch * self.length**2
-                cost, t = min((sum(1 for x in lengths if x <= t) * t**2
-                               + sum(1 for x in lengths if x > t) * self.length**2, t)
-                              for t in set(lengths) if t < self.length) if min(lengths) < self.length else (full, 0)
-                if cost <= (1 - min_saving) * full:
+                counts = torch.bincount(self.lengths.cpu(), minlength=self.length + 1)[: self.length]  # t < L only
+                short = counts.cumsum(0)  # [L] sequences of length <= t
+                steps = torch.arange(self.length)
+                cost = torch.where(counts > 0, short * steps**2 + (self.batch - short) * self.length**2, full)
+                t = int(cost.argmin())  # first minimum: the shortest split among equal costs
+                if int(cost[t]) <= (1 - min_saving) * full:
                     starts = self.last + 1 - self.lengths  # [B] first token of each sequence
                     self._buckets = [self._sub(self.lengths <= t, t, starts), self._sub(self.lengths > t, self.length, starts)]
         return self._buckets
