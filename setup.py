@@ -8,7 +8,8 @@ setup(
     packages=["recbole_fmrl", "recbole_fmrl.model", "recbole_fmrl.data", "recbole_fmrl.properties",
               "dataset_tools"],
     package_dir={"recbole_fmrl.properties": "properties"},
-    package_data={"recbole_fmrl.properties": ["*.yaml", "*/*.yaml"]},
+    package_data={"recbole_fmrl.properties": ["*.yaml", "*/*.yaml"],
+                  "recbole_fmrl.model": ["*.c"]},  # the loss kernel, compiled on first use
     install_requires=[
         "recbole==1.2.1",
         "torch",

@@ -9,8 +9,9 @@ variant, all in one process on the same inputs (Amazon-Beauty-like shapes by def
     python benchmarks/bench_loss.py --rows 0,64,128       # single-pass row-block sweep (0 = auto)
 
 "single-pass" rows pass ``weights`` (uniform 1/K here) and back-propagate exactly those
-weights, so the gradients computed during the forward are reused (the model's case); "fused"
-rows are the item-chunked path that recomputes the logits in backward.
+weights, so the gradients computed during the forward are reused (the model's case), with the
+compiled loss kernel (``recbole_fmrl/model/native.py``) or with PyTorch ops only; "fused" rows
+are the item-chunked path that recomputes the logits in backward.
 
 Memory: "peak alloc" is the peak of bytes held by live tensors above the level at entry (torch
 profiler allocation events, exact, independent of the malloc implementation); "peak RSS" is the
@@ -163,12 +164,12 @@ def main():
                 return torch.autograd.grad(out.sum(), [hidden, items])
             return run
 
-        w = torch.full((len(sizes),), 1.0 / len(sizes))
+        def single(r, native=None, sz=sizes):
+            w = torch.full((len(sz),), 1.0 / len(sz))
 
-        def single(r):
             def run():
-                out = matryoshka_cross_entropy(hidden, items, labels, sizes, 0, weights=w,
-                                               row_block=r)
+                out = matryoshka_cross_entropy(hidden, items, labels, sz, 0, weights=w,
+                                               row_block=r, native=native)
                 return torch.autograd.grad((out * w).sum(), [hidden, items])
             return run
 
@@ -183,7 +184,10 @@ def main():
             rr = auto_row_block(len(sizes), P, N) if r == 0 else r
             label = (f"single-pass, all {len(sizes)} sizes, rows {rr}"
                      + (" (auto)" if r == 0 else ""))
-            variants.append((label, single(r)))
+            variants.append((label + ", compiled kernel", single(r)))
+            variants.append((label + ", PyTorch ops", single(r, native=False)))
+        if row_blocks:
+            variants.append(("single-pass, size d only, compiled kernel", single(0, sz=[d])))
         times = {name: [] for name, _ in variants}
         for name, fn in variants:  # warm-up
             fn()

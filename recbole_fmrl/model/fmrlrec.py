@@ -61,6 +61,7 @@ class FMRLRec(SequentialRecommender):
             raise ValueError(f"fmrl_size_weights: need {len(self.sizes)} non-negative weights, got {weights}")
         self.modality = dataset.fmrl_modality if hasattr(dataset, "fmrl_modality") else config["fmrl_modality"]
         self.loss_chunk_size = config["fmrl_loss_chunk_size"]
+        self.native_loss = config["fmrl_native_loss"]
         self.target_list_field = getattr(dataset, "target_list_field", None)
         self._build_args = (config, dataset)  # to build sub-models of smaller sizes
         self._table_cache = None
@@ -119,7 +120,8 @@ class FMRLRec(SequentialRecommender):
             hidden, labels = x[labelled], targets[labelled]  # [P d], [P]
         else:
             hidden, labels = x[packing.last], interaction[self.POS_ITEM_ID]  # [B d], [B]
-        per_size = matryoshka_cross_entropy(hidden, table[1:], labels - 1, self.sizes, self.loss_chunk_size, weights=self.size_weights)
+        per_size = matryoshka_cross_entropy(hidden, table[1:], labels - 1, self.sizes, self.loss_chunk_size,
+                                            weights=self.size_weights, native=self.native_loss)
         return tuple(per_size * self.size_weights)  # RecBole sums them and logs each size
 
     def _last_hidden(self, interaction):

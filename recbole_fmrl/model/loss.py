@@ -36,7 +36,10 @@ Liger-Kernel fused-linear-CE style. That is 3 GEMMs of plain CE's size and K exp
 (the recompute path: 4 GEMMs and 2K exps). Backward returns the stored gradients, scaled when
 the upstream is a multiple of ``weights`` (loss scaling), and otherwise falls back to the
 chunked recompute, so it is exact for any upstream. Extra memory: one ``[P, d]`` and one
-``[N, d]`` gradient held from forward to backward.
+``[N, d]`` gradient held from forward to backward. On the CPU the elementwise middle of each
+block (cumulative logits, exp, sums, the weighted reverse cumulative sum) runs in a compiled C
+kernel (``native.py``) that sweeps each row once while it is in cache, instead of ~10 PyTorch
+passes over the buffer; without a C compiler the same work runs in PyTorch ops.
 
 On CUDA, ``chunk_size == 0`` materialises all logits (the reference path) whenever they fit
 ``CUDA_PLAIN_BYTES``: there the Python loop is launch-bound (see ``CUDA_PLAIN_BYTES``).
@@ -45,6 +48,8 @@ import math
 
 import torch
 import torch.nn.functional as F
+
+from recbole_fmrl.model import native as native_kernel
 
 # Elements of the [K, P, c] working buffer per chunk used when chunk_size == 0 (auto): ~32 MB in
 # fp32 (P=2800, N=12101: c=512 at K=6, c=768 at K=4). On the shared 2-core Xeon c=256 was best
@@ -251,63 +256,50 @@ def auto_row_block(num_sizes, num_rows, num_items, buffer_elems=None):
     return max(1, min(r, num_rows))
 
 
-def _single_pass(plan, hidden, items, labels, weights, r, need_h, need_e):
+def _single_pass(plan, hidden, items, labels, weights, r, need_h, need_e, native=False):
     """Per-size mean CE ``[K]``, lse ``[K, P]`` and the gradients of ``sum_k weights_k * CE_k``
     wrt hidden and items, from one walk over blocks of ``r`` rows.
 
-    Each block forms all K sizes' logits over all N items (chained GEMMs with the folded shift),
-    exponentiates them once, and -- having the whole row, so the exact per-size normaliser --
-    turns them into ``G_j = sum_{k >= j} weights_k / P * softmax_k`` with one ``addcmul`` pass per
-    size; one GEMM per block and direction then gives the rows' hidden gradient and the block's
-    contribution to the item gradient. 3 GEMMs of plain CE's size and K exps per logit in all.
+    Each block forms all K sizes' logits over all N items, exponentiates them once, and -- having
+    the whole row, so the exact per-size normaliser -- turns them into
+    ``G_j = sum_{k >= j} weights_k / P * softmax_k``; one GEMM per block and direction then gives
+    the rows' hidden gradient and the block's contribution to the item gradient. 3 GEMMs of plain
+    CE's size and K exps per logit in all. The elementwise middle runs in the compiled kernel
+    (``native``: per-block partial products, then one cache-resident sweep per row) or in PyTorch
+    ops (chained GEMMs with the folded shift, then exp / sum / addcmul passes).
     """
     K, (P, d), N = plan.K, hidden.shape, items.shape[0]
     label_logit = _label_logits(hidden, items, labels, plan.bounds)  # [K, P]
-    shift = label_logit.clone()  # <= row max: every sum of exponentials is >= ~1
-    mats = plan.hidden_aug(hidden)
-    plan.set_shift(mats, shift)
-    e_aug = plan.items_aug(items)
-    wp = weights.to(device=hidden.device, dtype=hidden.dtype) / P
+    wp = (weights.to(device=hidden.device, dtype=hidden.dtype) / P).contiguous()
     need_g = need_h or need_e
-    sums = hidden.new_empty(K, P)
-    extra = hidden.new_zeros(K, P)  # additional per-row shift where the guard fired
-    limit = math.exp(_GUARD)
+    lse = hidden.new_empty(K, P)
     grad_h = hidden.new_empty(P, d) if need_h else None
     grad_et = hidden.new_empty(d, N) if need_e else None  # transposed: row blocks contiguous
-    rbuf = hidden.new_empty(r * N)
-    sbuf = hidden.new_empty((K if need_g else 1) * r * N)
+    if native:
+        item_blocks = [items[:, a:b].T for a, b in plan.bounds]  # [w_j N] views, no copy
+        sbuf, lbuf = hidden.new_empty(K * r * N), hidden.new_empty(K * r)
+    else:
+        fill = _TorchBlock(plan, hidden, items, label_logit, wp, r, need_g)
     for p0 in range(0, P, r):
         rr = min(r, P - p0)
         rows = slice(p0, p0 + rr)
-        R = rbuf[: rr * N].view(rr, N)
-        S = sbuf[: (K if need_g else 1) * rr * N].view(-1, rr, N)
-        rm = [m[rows] for m in mats]
-        carried = None  # per-row shift added by the guard so far; chained sizes inherit it via R
-        for k in range(K):
-            plan.step(R, rm, e_aug, k)  # R = logits_k - shift_k - carried for these rows
-            T = S[k] if need_g else S[0]
-            torch.exp(R, out=T)
-            s = torch.sum(T, -1, out=sums[k, rows])
-            if not bool(((s <= limit) & (s >= 1 / limit)).all()):  # far from the shift: re-shift by the max
-                delta = R.amax(-1)
-                R.sub_(delta.unsqueeze(-1))  # in place, so the next (chained) sizes start shifted too
-                torch.exp(R, out=T)
-                torch.sum(T, -1, out=s)
-                carried = delta if carried is None else carried.add_(delta)
-            if carried is not None:
-                extra[k, rows] = carried
+        if native:
+            S = sbuf[: K * rr * N].view(K, rr, N)
+            for j, (a, b) in enumerate(plan.bounds):
+                torch.mm(hidden[rows, a:b], item_blocks[j], out=S[j])  # partial logits of block j
+            lse_blk = lbuf[: K * rr].view(K, rr)
+            with torch.profiler.record_function("fmrl::matryoshka_softmax"):
+                native_kernel.matryoshka_softmax(S, wp, lse_blk, need_g)  # S[j] <- G_j
+            lse[:, rows] = lse_blk
+        else:
+            S = fill(rows, lse)
         if not need_g:
             continue
-        coef = wp.unsqueeze(1) / sums[:, rows]  # [K, rr]: G_k = coef_k * exp(...)
-        S[K - 1].mul_(coef[K - 1].unsqueeze(-1))
-        for j in range(K - 2, -1, -1):  # G_j = coef_j * S_j + G_{j+1}, one pass
-            torch.addcmul(S[j + 1], S[j], coef[j].unsqueeze(-1), out=S[j])
         for j, (a, b) in enumerate(plan.bounds):
             if need_h:
                 grad_h[rows, a:b].addmm_(S[j], items[:, a:b], beta=0)
             if need_e:
                 grad_et[a:b].addmm_(hidden[rows, a:b].T, S[j], beta=0 if p0 == 0 else 1)
-    lse = shift + extra + sums.log()
     loss = (lse - label_logit).mean(1)
     grad_e = None
     if need_g:  # one-hot part: block j sees -sum_{k>=j} wp_k at the label
@@ -319,6 +311,55 @@ def _single_pass(plan, hidden, items, labels, weights, r, need_h, need_e):
             grad_e = grad_et.T.contiguous()
             grad_e.index_add_(0, labels, hidden * scale, alpha=-1)
     return loss, lse, grad_h, grad_e
+
+
+class _TorchBlock:
+    """The single pass's elementwise middle in PyTorch ops: for a block of rows, the K sizes'
+    logits by chained GEMMs with the folded shift (the label logit, re-shifted by the row max
+    where a sum of exponentials leaves [e^-50, e^50]), their exponentials, the block's lse and,
+    if gradients are needed, ``G_j`` with one ``addcmul`` pass per size."""
+
+    def __init__(self, plan, hidden, items, label_logit, wp, r, need_g):
+        K, N = plan.K, items.shape[0]
+        self.plan, self.wp, self.need_g = plan, wp, need_g
+        self.shift = label_logit  # <= row max: every sum of exponentials is >= ~1
+        self.mats = plan.hidden_aug(hidden)
+        plan.set_shift(self.mats, self.shift)
+        self.e_aug = plan.items_aug(items)
+        self.rbuf = hidden.new_empty(r * N)
+        self.sbuf = hidden.new_empty((K if need_g else 1) * r * N)
+        self.sums = hidden.new_empty(K, r)
+
+    def __call__(self, rows, lse):
+        plan, K, N = self.plan, self.plan.K, self.e_aug.shape[0]
+        rr = rows.stop - rows.start
+        R = self.rbuf[: rr * N].view(rr, N)
+        S = self.sbuf[: (K if self.need_g else 1) * rr * N].view(-1, rr, N)
+        sums = self.sums[:, :rr]
+        extra = torch.zeros_like(sums)  # additional per-row shift where the guard fired
+        rm = [m[rows] for m in self.mats]
+        limit = math.exp(_GUARD)
+        carried = None  # per-row shift added by the guard so far; chained sizes inherit it via R
+        for k in range(K):
+            plan.step(R, rm, self.e_aug, k)  # R = logits_k - shift_k - carried for these rows
+            T = S[k] if self.need_g else S[0]
+            torch.exp(R, out=T)
+            s = torch.sum(T, -1, out=sums[k])
+            if not bool(((s <= limit) & (s >= 1 / limit)).all()):  # far from the shift: re-shift by the max
+                delta = R.amax(-1)
+                R.sub_(delta.unsqueeze(-1))  # in place, so the next (chained) sizes start shifted too
+                torch.exp(R, out=T)
+                torch.sum(T, -1, out=s)
+                carried = delta if carried is None else carried.add_(delta)
+            if carried is not None:
+                extra[k] = carried
+        lse[:, rows] = self.shift[:, rows] + extra + sums.log()
+        if self.need_g:
+            coef = self.wp.unsqueeze(1) / sums  # [K, rr]: G_k = coef_k * exp(...)
+            S[K - 1].mul_(coef[K - 1].unsqueeze(-1))
+            for j in range(K - 2, -1, -1):  # G_j = coef_j * S_j + G_{j+1}, one pass
+                torch.addcmul(S[j + 1], S[j], coef[j].unsqueeze(-1), out=S[j])
+        return S
 
 
 def _scalar_multiple(g, w):
@@ -341,13 +382,13 @@ class _MatryoshkaCESinglePass(torch.autograd.Function):
     when the upstream gradient is a multiple of ``weights``, else recomputes (exact for any)."""
 
     @staticmethod
-    def forward(ctx, hidden, items, labels, sizes, weights, row_block, chunk_size, grad_enabled):
+    def forward(ctx, hidden, items, labels, sizes, weights, row_block, chunk_size, grad_enabled, native):
         plan = _Plan(sizes)
         # needs_input_grad is set from requires_grad even under torch.no_grad(): check both
         need_h, need_e = (grad_enabled and n for n in ctx.needs_input_grad[:2])
         hidden_c, items_c = hidden.contiguous(), items.contiguous()
         loss, lse, grad_h, grad_e = _single_pass(plan, hidden_c, items_c, labels, weights,
-                                                 row_block, need_h, need_e)
+                                                 row_block, need_h, need_e, native)
         ctx.save_for_backward(hidden, items, labels, lse)
         ctx.plan, ctx.c, ctx.weights = plan, chunk_size, weights
         ctx.grads = (grad_h, grad_e)
@@ -370,11 +411,11 @@ class _MatryoshkaCESinglePass(torch.autograd.Function):
             grad_h = None
         if not ctx.needs_input_grad[1]:
             grad_e = None
-        return grad_h, grad_e, None, None, None, None, None, None
+        return grad_h, grad_e, None, None, None, None, None, None, None
 
 
 def matryoshka_cross_entropy(hidden, items, labels, sizes, chunk_size=0, weights=None,
-                             row_block=0):
+                             row_block=0, native=None):
     """Per-size mean cross-entropy ``[K]`` over a full softmax on ``items``.
 
     hidden [P, d] states at labelled positions; items [N, d] the item table without the padding
@@ -392,6 +433,9 @@ def matryoshka_cross_entropy(hidden, items, labels, sizes, chunk_size=0, weights
     ``row_block`` rows (0: ``auto_row_block``) and computes the gradients along with the loss;
     backward returns them (scaled, if the upstream is a multiple of ``weights``) or, for any
     other upstream, falls back to the chunked recompute with ``chunk_size`` items per chunk.
+
+    ``native`` (single pass on the CPU, fp32): None uses the compiled kernel (``native.py``) when
+    it builds and the inputs are finite, True requires it, False uses PyTorch ops only.
     """
     sizes = _check_sizes(sizes, hidden.shape[-1])
     K, P, N = len(sizes), hidden.shape[0], items.shape[0]
@@ -404,9 +448,22 @@ def matryoshka_cross_entropy(hidden, items, labels, sizes, chunk_size=0, weights
     if path == "reference":
         return matryoshka_cross_entropy_reference(hidden, items, labels, sizes)
     if path == "single":
+        use_native = _use_native(native, hidden, items, K)
         return _MatryoshkaCESinglePass.apply(hidden, items, labels, sizes, weights, r, c,
-                                             torch.is_grad_enabled())
+                                             torch.is_grad_enabled(), use_native)
     return _MatryoshkaCE.apply(hidden, items, labels, sizes, c)
+
+
+def _use_native(native, hidden, items, K):
+    if native is False:
+        return False
+    if native and not native_kernel.usable(hidden, K):
+        raise RuntimeError(f"native=True: the compiled loss kernel cannot serve {hidden.dtype} on "
+                           f"{hidden.device} with {K} sizes ({native_kernel.error() or 'fp32 CPU only'})")
+    if native is None and not native_kernel.usable(hidden, K):
+        return False
+    # -ffinite-math-only kernel: non-finite inputs go to the PyTorch path, which propagates them
+    return bool(torch.isfinite(hidden).all()) and bool(torch.isfinite(items).all())
 
 
 def choose_path(device_type, elem_size, K, P, N, chunk_size=0, has_weights=False, row_block=0):
