@@ -123,7 +123,8 @@ def test_build_is_cached_and_atomic(kernel, tmp_path, monkeypatch):
     first = native.build()
     mtime = first.stat().st_mtime_ns
     assert native.build() == first and first.stat().st_mtime_ns == mtime  # reused, not rebuilt
-    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary left behind
+    assert first.parent == tmp_path / "kernels"
+    assert [p.name for p in first.parent.iterdir()] == [first.name]  # no temporary left behind
 
 
 def _probe(env):

@@ -3,9 +3,9 @@
 PyTorch on the CPU has no fused op for "exp, row sums, and a weighted reverse cumulative sum over
 K sizes"; composed from single ops it streams the ``[K, rows, N]`` logit buffer from memory about
 ten times. The C kernel does that work per row while the row sits in cache (see the source). It is
-compiled with the system C compiler (``$CC``, else ``cc``/``gcc``) into a per-user cache
-(``$RECBOLE_FMRL_CACHE``, else ``~/.cache/recbole_fmrl``), keyed by the source, flags, compiler and
-CPU, written atomically, and loaded with ctypes. Without a compiler the loss falls back to the pure
+compiled with the system C compiler (``$CC``, else ``cc``/``gcc``) into the plugin's cache
+(``$RECBOLE_FMRL_CACHE``, else ``~/.cache/recbole_fmrl``; ``kernels/``), keyed by the source, flags,
+compiler and CPU, written atomically, and loaded with ctypes. Without a compiler the loss falls back to the pure
 PyTorch path (same results, slower) after one warning.
 
 ``FMRL_NATIVE=0`` disables the kernel; ``FMRL_NATIVE=require`` makes a failed build an error
@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from recbole_fmrl.config import default_cache_dir
+
 SOURCE = Path(__file__).with_name("matryoshka_softmax.c")
 # -ffinite-math-only and re-association let gcc vectorise the max/sum reductions; not -ffast-math,
 # whose start-up object would switch the whole process to flush-to-zero when the library loads.
@@ -33,13 +35,6 @@ MAX_SIZES = 64  # MAX_K in the source
 
 _lock = threading.Lock()
 _state = {"lib": None, "error": None, "warned": False}
-
-
-def cache_dir():
-    root = os.environ.get("RECBOLE_FMRL_CACHE")
-    if root:
-        return Path(root)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "recbole_fmrl"
 
 
 def _compiler():
@@ -70,7 +65,7 @@ def build(verbose=False):
     source = SOURCE.read_bytes()
     key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), version.encode(),
                                      _cpu_signature().encode()])).hexdigest()[:16]
-    target = cache_dir() / f"matryoshka_softmax-{key}.so"
+    target = default_cache_dir() / "kernels" / f"matryoshka_softmax-{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
