@@ -181,7 +181,7 @@ def main():
             label = f"fused, all {len(sizes)} sizes, chunk {cc}" + (" (auto)" if c == 0 else "")
             variants.append((label, fused(c)))
         for r in row_blocks:
-            rr = auto_row_block(len(sizes), P, N) if r == 0 else r
+            rr = auto_row_block(len(sizes), P, N, hidden_size=d) if r == 0 else r
             label = (f"single-pass, all {len(sizes)} sizes, rows {rr}"
                      + (" (auto)" if r == 0 else ""))
             variants.append((label + ", compiled kernel", single(r)))

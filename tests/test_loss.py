@@ -324,6 +324,9 @@ def test_auto_row_block():
     assert L.auto_row_block(6, 2800, 12101) % 8 == 0
     assert L.auto_row_block(6, 5, 12101) == 5
     assert L.auto_row_block(1, 2800, 10**9) == 8
+    assert L.auto_row_block(8, 2800, 12101) == 80  # the buffer budget decides at small d ...
+    assert L.auto_row_block(8, 2800, 12101, hidden_size=1024) == 256  # ... d / 4 rows at large d
+    assert L.auto_row_block(8, 100, 12101, hidden_size=1024) == 100
 
 
 def test_choose_path_cpu_and_cuda():
