@@ -38,7 +38,7 @@ the upstream is a multiple of ``weights`` (loss scaling), and otherwise falls ba
 chunked recompute, so it is exact for any upstream. Extra memory: one ``[P, d]`` and one
 ``[N, d]`` gradient held from forward to backward. On the CPU the elementwise middle of each
 block (cumulative logits, exp, sums, the weighted reverse cumulative sum) runs in a compiled C
-kernel (``native.py``) that sweeps each row once while it is in cache, instead of ~10 PyTorch
+kernel (``native.py``) that makes two sweeps over each row while it stays in cache, instead of ~10 PyTorch
 passes over the buffer; without a C compiler the same work runs in PyTorch ops.
 
 On CUDA, ``chunk_size == 0`` materialises all logits (the reference path) whenever they fit
@@ -268,7 +268,7 @@ def _single_pass(plan, hidden, items, labels, weights, r, need_h, need_e, native
     ``G_j = sum_{k >= j} weights_k / P * softmax_k``; one GEMM per block and direction then gives
     the rows' hidden gradient and the block's contribution to the item gradient. 3 GEMMs of plain
     CE's size and K exps per logit in all. The elementwise middle runs in the compiled kernel
-    (``native``: per-block partial products, then one cache-resident sweep per row) or in PyTorch
+    (``native``: per-block partial products, then two cache-resident sweeps per row) or in PyTorch
     ops (chained GEMMs with the folded shift, then exp / sum / addcmul passes).
     """
     K, (P, d), N = plan.K, hidden.shape, items.shape[0]
