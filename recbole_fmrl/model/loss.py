@@ -38,8 +38,8 @@ the upstream is a multiple of ``weights`` (loss scaling), and otherwise falls ba
 chunked recompute, so it is exact for any upstream. Extra memory: one ``[P, d]`` and one
 ``[N, d]`` gradient held from forward to backward. On the CPU the elementwise middle of each
 block (cumulative logits, exp, sums, the weighted reverse cumulative sum) runs in a compiled C
-kernel (``native.py``) that makes two sweeps over each row while it stays in cache, instead of ~10 PyTorch
-passes over the buffer; without a C compiler the same work runs in PyTorch ops.
+kernel (``native.py``) that makes two sweeps over each row while it stays in cache, instead of
+~10 PyTorch passes over the buffer; without a C compiler the same work runs in PyTorch ops.
 
 On CUDA, ``chunk_size == 0`` materialises all logits (the reference path) whenever they fit
 ``CUDA_PLAIN_BYTES``: there the Python loop is launch-bound (see ``CUDA_PLAIN_BYTES``).
