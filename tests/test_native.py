@@ -145,3 +145,17 @@ def test_without_a_compiler_falls_back_or_fails_as_asked(tmp_path):
     assert done.returncode != 0 and "FMRL_NATIVE=require" in done.stderr
     done = _probe({**env, "FMRL_NATIVE": "0"})
     assert done.returncode == 0 and "PyTorch path" not in done.stderr  # disabled: silent
+
+
+def test_disabled_kernel_explains_itself(monkeypatch):
+    monkeypatch.setenv("FMRL_NATIVE", "0")
+    monkeypatch.setattr(L, "AUTO_PLAIN_BELOW", 0)
+    assert native.load() is None and native.error() == "disabled by FMRL_NATIVE=0"
+    hidden, items, labels = _inputs(6, 40, 8, 1.0)
+    with pytest.raises(RuntimeError, match="disabled by FMRL_NATIVE=0"):
+        matryoshka_cross_entropy(hidden, items, labels, [4, 8], 0, weights=torch.ones(2), native=True)
+    with pytest.raises(RuntimeError, match="unavailable: disabled by FMRL_NATIVE=0"):
+        native.matryoshka_softmax(torch.zeros(1, 1, 4), torch.ones(1), torch.zeros(1, 1), True)
+    out = matryoshka_cross_entropy(hidden, items, labels, [4, 8], 0, weights=torch.ones(2))  # auto: PyTorch ops
+    torch.testing.assert_close(out, matryoshka_cross_entropy_reference(hidden, items, labels, [4, 8]).detach(),
+                               rtol=1e-5, atol=1e-5)

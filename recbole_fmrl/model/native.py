@@ -4,9 +4,9 @@ PyTorch on the CPU has no fused op for "exp, row sums, and a weighted reverse cu
 K sizes"; composed from single ops it streams the ``[K, rows, N]`` logit buffer from memory about
 ten times. The C kernel does that work per row while the row sits in cache (see the source). It is
 compiled with the system C compiler (``$CC``, else ``cc``/``gcc``) into the plugin's cache
-(``$RECBOLE_FMRL_CACHE``, else ``~/.cache/recbole_fmrl``; ``kernels/``), keyed by the source, flags,
-compiler and CPU, written atomically, and loaded with ctypes. Without a compiler the loss falls back to the pure
-PyTorch path (same results, slower) after one warning.
+(``$RECBOLE_FMRL_CACHE``, else ``~/.cache/recbole_fmrl``; ``kernels/``), keyed by the source,
+flags, compiler and CPU, written atomically, and loaded with ctypes. Without a compiler the loss
+falls back to the pure PyTorch path (same results, slower) after one warning.
 
 ``FMRL_NATIVE=0`` disables the kernel; ``FMRL_NATIVE=require`` makes a failed build an error
 (CI sets it, so a broken build cannot hide behind the fallback).
@@ -58,7 +58,7 @@ def _cpu_signature():
     return platform.machine() + "|" + "|".join(keep)
 
 
-def build(verbose=False):
+def build():
     """Compile the kernel if its cached library is missing; return the library path."""
     cc = _compiler()
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
@@ -79,15 +79,21 @@ def build(verbose=False):
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    if verbose:
-        print(f"built {target}")
     return target
+
+
+def _mode():
+    return os.environ.get("FMRL_NATIVE", "1").strip().lower()
+
+
+def _disabled():
+    return _mode() in ("0", "false", "no", "off")
 
 
 def load():
     """The ctypes library, or None (disabled, or the build failed: the reason is ``error()``)."""
-    mode = os.environ.get("FMRL_NATIVE", "1").strip().lower()
-    if mode in ("0", "false", "no", "off"):
+    mode = _mode()
+    if _disabled():
         return None
     with _lock:
         if _state["lib"] is None and _state["error"] is None:
@@ -111,6 +117,9 @@ def load():
 
 
 def error():
+    """Why ``load()`` returns None (None while it has not failed)."""
+    if _disabled():
+        return f"disabled by FMRL_NATIVE={os.environ['FMRL_NATIVE']}"
     return _state["error"]
 
 
@@ -129,8 +138,11 @@ def matryoshka_softmax(buf, weights, lse, need_grad, threads=None):
         if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous() or tuple(t.shape) != shape:
             raise ValueError(f"{name}: need a contiguous fp32 CPU tensor of shape {shape}, got "
                              f"{t.dtype} {t.device} {tuple(t.shape)} contiguous={t.is_contiguous()}")
-    rc = load().fmrl_matryoshka_softmax(buf.data_ptr(), K, rows, n, weights.data_ptr(), lse.data_ptr(),
-                                        int(bool(need_grad)), int(threads or torch.get_num_threads()))
+    lib = load()
+    if lib is None:
+        raise RuntimeError(f"the compiled loss kernel is unavailable: {error()}")
+    rc = lib.fmrl_matryoshka_softmax(buf.data_ptr(), K, rows, n, weights.data_ptr(), lse.data_ptr(),
+                                     int(bool(need_grad)), int(threads or torch.get_num_threads()))
     if rc != 0:
         raise RuntimeError(f"fmrl_matryoshka_softmax failed with code {rc} "
                            f"({'K out of range' if rc == 1 else 'out of memory'})")
