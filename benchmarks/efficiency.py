@@ -21,6 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from recbole_fmrl.environment import set_offline_defaults  # noqa: E402
 
 
 def variants(d):
@@ -98,7 +99,7 @@ def flop_counter():
 def worker(args):
     """Measure one variant; print one JSON line."""
     import torch
-    from recbole_fmrl.quick_start import prepare
+    from recbole_fmrl.train.driver import prepare
 
     torch.set_num_threads(args.threads)
     model, overrides = json.loads(args.worker)
@@ -185,12 +186,9 @@ def time_breakdown(step, device, steps=2):
 
 
 def hardware(device):
-    import torch
+    from recbole_fmrl.environment import describe_machine
 
-    if device == "cuda" and torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    name = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
-    return f"{name}, {os.cpu_count()} cores"
+    return describe_machine(device)
 
 
 def main():
@@ -243,7 +241,8 @@ def run_variant(args, spec):
            "--data-path", args.data_path, "--modality", args.modality, "--steps", str(args.steps),
            "--device", args.device, "--threads", str(args.threads), "--output-dir", args.output_dir] + \
           (["--full-epoch"] if args.full_epoch else [])
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    set_offline_defaults()  # the child inherits them
+    proc = subprocess.run(cmd, capture_output=True, text=True)
     line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
     if line is None:
         print(proc.stdout[-2000:], proc.stderr[-4000:])

@@ -37,7 +37,6 @@ import subprocess
 import sys
 import time
 import traceback
-import types
 from pathlib import Path
 
 import yaml
@@ -58,10 +57,6 @@ MODEL_GROUPS = {
     "baselines": ["SASRec", "BERT4Rec", "GRU4Rec", "LightSANs", "FEARec", "FMLPRec", "LRURec"],
     "fmrlrec": ["FMRLRec-text_image", "FMRLRec-text", "FMRLRec-image", "FMRLRec-id"],
 }
-
-
-class TimeBudgetReached(Exception):
-    """Raised after a validation when the next epoch would overrun the training time budget."""
 
 
 # ----------------------------------------------------------------------------------------- settings
@@ -139,7 +134,7 @@ def unavailable_reason(settings, row, model, config, data_path, dataset):
     if model != "FMRLRec":
         return None
     from recbole_fmrl.data import features as feature_files
-    from recbole_fmrl.model.fusion import modality_parts
+    from recbole_fmrl.data.modality import modality_parts
 
     modality = config.get("fmrl_modality") or "auto"
     if modality == "auto":
@@ -166,14 +161,9 @@ def environment(device="cpu"):
         except Exception:  # noqa: BLE001 - no git is fine
             return ""
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from recbole_fmrl.environment import cpu_name
+
+    cpu = cpu_name()
     try:
         mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     except (ValueError, OSError):
@@ -206,127 +196,67 @@ def atomic_write_json(path, data):
 
 # ------------------------------------------------------------------------------------------ worker
 
-def _sync(device):
-    import torch
-
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def execute(job):
-    """Train one (row, seed), test the best checkpoint; return the result dict (no file written)."""
+    """Train one (row, seed) through the shared driver, test the best checkpoint; return the result dict."""
     import torch
+    from dataset_tools.item_features import build_missing_item_features
 
-    from recbole_fmrl.quick_start import prepare
+    from recbole_fmrl.train.driver import StopTraining, fit_and_evaluate, prepare
 
     torch.set_num_threads(job["threads"])
     started, wall0 = datetime.datetime.now().isoformat(timespec="seconds"), time.perf_counter()
     load0 = os.getloadavg()
     cfg = dict(job["config"], seed=job["seed"], fmrl_output_dir=job["output_dir"],
-               checkpoint_dir=str(Path(job["output_dir"]) / "saved"))
-    if job["device"].startswith("cuda"):
-        cfg.update(use_gpu=True, gpu_id=job["device"].partition(":")[2] or "0")
-    else:
-        cfg.update(use_gpu=False)
-    config, net, trainer, (train_data, valid_data, test_data) = prepare(job["model"], job["dataset"], config_dict=cfg,
-                                                                      log=True)
+               checkpoint_dir=str(Path(job["output_dir"]) / "saved"), fmrl_valid_every_size=not job.get("fast_valid", True))
+    cfg.update(use_gpu=True, gpu_id=job["device"].partition(":")[2] or "0") if job["device"].startswith("cuda") \
+        else cfg.update(use_gpu=False)
+    config, net, trainer, data = prepare(job["model"], job["dataset"], config_dict=cfg, log=True,
+                                         feature_builder=build_missing_item_features)
     device = str(config["device"])
     if job["device"].startswith("cuda") and not device.startswith("cuda"):
         raise RuntimeError(f"--device {job['device']} requested but RecBole chose {device} (no CUDA?)")
-    setup_seconds = time.perf_counter() - wall0
-    train_times, valid_times, train_cpu, valid_cpu = [], [], [], []
-    budget = job.get("max_train_seconds")
+    setup_seconds, budget = time.perf_counter() - wall0, job.get("max_train_seconds")
     fit_start = time.perf_counter()
 
-    def timed(method, store, cpu_store):
-        def wrapper(*args, **kwargs):
-            _sync(device)
-            t0, c0 = time.perf_counter(), time.process_time()
-            out = method(*args, **kwargs)
-            _sync(device)
-            store.append(time.perf_counter() - t0)
-            cpu_store.append(time.process_time() - c0)
-            return out
-        return wrapper
+    def check_budget(record):  # after each validation (and checkpoint): would one more epoch fit?
+        per_epoch = (time.perf_counter() - fit_start) / (record["epoch"] + 1 - trainer.start_epoch)
+        if budget and not record["finished"] and time.perf_counter() - fit_start + per_epoch > budget:
+            raise StopTraining("time budget")
 
-    curve = []
-
-    def check_budget(epoch_idx, valid_score):  # called after each validation (and checkpoint)
-        curve.append(round(float(valid_score), 6))
-        if budget:
-            per_epoch = (sum(train_times) + sum(valid_times)) / max(1, len(train_times))
-            if time.perf_counter() - fit_start + per_epoch > budget:
-                raise TimeBudgetReached
-
-    trainer._train_epoch = timed(trainer._train_epoch, train_times, train_cpu)
-    trainer._valid_epoch = timed(largest_size_only(trainer, trainer._valid_epoch) if job.get("fast_valid", True)
-                                 else trainer._valid_epoch, valid_times, valid_cpu)
-    stopped_by = "max epochs"
-    try:
-        trainer.fit(train_data, valid_data, saved=True, show_progress=False, callback_fn=check_budget)
-        if len(train_times) < config["epochs"]:
-            stopped_by = "early stopping"
-    except TimeBudgetReached:
-        stopped_by = "time budget"
-    train_seconds = time.perf_counter() - fit_start
-    epochs = len(train_times)
-    best_epoch = epochs - trainer.cur_step  # 1-based: validations since the last improvement
-    valid_result = trainer.evaluate(valid_data, load_best_model=True, show_progress=False)
-    valid_sizes = trainer.size_results
-    t0 = time.perf_counter()
-    test_result = trainer.evaluate(test_data, load_best_model=False, show_progress=False)
-    test_seconds = time.perf_counter() - t0
-    test_sizes = trainer.size_results
-    if hasattr(net, "nested_parameter_count"):
-        params = net.nested_parameter_count()
-    else:
-        params = sum(p.numel() for p in net.parameters() if p.requires_grad)
-    size_results = None
-    if valid_sizes is not None:
-        size_results = {str(m): {"params": net.nested_parameter_count(m), "valid": dict(valid_sizes[m]),
-                                 "test": dict(test_sizes[m])} for m in net.sizes}
+    result = fit_and_evaluate(config, net, trainer, data, saved=True, on_evaluation=check_budget)
+    records = result["records"]
     checkpoint = trainer.saved_model_file
     if not job.get("keep_checkpoints") and checkpoint and os.path.exists(checkpoint):
         os.remove(checkpoint)
         checkpoint = None
-    peak_gpu = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else None
+    sizes = result["size_results"]
     final = {k: v for k, v in config.final_config_dict.items()
              if isinstance(v, (int, float, str, bool, list, dict, type(None)))}
     return {
         "schema": SCHEMA, "status": "ok", "row": job["row"], "model": job["model"], "dataset": job["dataset"],
         "seed": job["seed"], "tag": job["tag"], "key": job["key"], "command": job["command"],
         "config": job["config"], "resolved": {k: final.get(k) for k in sorted(final) if k in RESOLVED_KEYS},
-        "valid": dict(valid_result), "test": dict(test_result), "size_results": size_results,
-        "params": int(params), "epochs": epochs, "valid_curve": curve, "best_epoch": best_epoch, "stopped_by": stopped_by,
-        "max_epochs": config["epochs"], "max_train_seconds": budget,
-        "train_samples": len(train_data._dataset),
-        "setup_seconds": setup_seconds, "train_seconds": train_seconds, "test_seconds": test_seconds,
-        "train_epoch_seconds": sum(train_times) / max(1, epochs), "valid_epoch_seconds": sum(valid_times) / max(1, len(valid_times)),
-        "train_epoch_cpu_seconds": sum(train_cpu) / max(1, epochs),
-        "valid_epoch_cpu_seconds": sum(valid_cpu) / max(1, len(valid_cpu)), "cpu_seconds": time.process_time(),
-        "wall_seconds": time.perf_counter() - wall0, "peak_rss_mb": peak_rss_mb(), "peak_gpu_mb": peak_gpu,
+        "valid": dict(result["best_valid_result"]), "test": dict(result["test_result"]),
+        "size_results": None if sizes is None else {str(m): {"params": r["params"], "valid": dict(r["valid"]),
+                                                             "test": dict(r["test"])} for m, r in sizes.items()},
+        "params": result["params"], "epochs": len(records), "best_epoch": result["best_epoch"] + 1,
+        "valid_curve": [round(r["valid_score"], 6) for r in records], "stopped_by": result["stopped_by"],
+        "max_epochs": config["epochs"], "max_train_seconds": budget, "train_samples": len(data[0]._dataset),
+        "setup_seconds": setup_seconds, "train_seconds": result["train_seconds"],
+        **epoch_times(records), "cpu_seconds": time.process_time(),
+        "wall_seconds": time.perf_counter() - wall0, "peak_rss_mb": peak_rss_mb(),
+        "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else None,
         "started": started, "finished": datetime.datetime.now().isoformat(timespec="seconds"),
         "loadavg_start": load0, "loadavg_end": os.getloadavg(), "env": environment(device),
         "checkpoint": checkpoint, "isolated": job.get("isolated", False),
     }
 
 
-def largest_size_only(trainer, valid_epoch):
-    """Per-epoch validation of the largest size only (what early stopping reads).
-
-    FMRLTrainer scores every nested size in each validation pass (K top-k sorts over all items); early
-    stopping uses the largest size alone, which RecBole's own ``evaluate`` computes through the model's
-    ``full_sort_predict``. The final validation and test passes still report every size.
-    """
-    from recbole.trainer import Trainer
-
-    def wrapper(*args, **kwargs):
-        trainer.evaluate = types.MethodType(Trainer.evaluate, trainer)
-        try:
-            return valid_epoch(*args, **kwargs)
-        finally:
-            del trainer.evaluate  # back to FMRLTrainer.evaluate
-    return wrapper
+def epoch_times(records):
+    """Mean wall and CPU seconds of one training epoch and one validation pass."""
+    n = max(1, len(records))
+    return {key + "_epoch_" + kind + "seconds": sum(r[f"{key}_{kind}seconds"] for r in records) / n
+            for key in ("train", "valid") for kind in ("", "cpu_")}
 
 
 RESOLVED_KEYS = {"hidden_size", "n_layers", "inner_size", "embedding_size", "num_layers", "hidden_dropout_prob",
@@ -386,7 +316,7 @@ def run_subprocess(job, log_path):
     job_path = Path(job["output_dir"]) / "job.json"
     atomic_write_json(job_path, job)
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")  # main() set the offline defaults in os.environ
     with open(log_path, "a") as log:
         _CHILD = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker", str(job_path)],
                                   stdout=log, stderr=subprocess.STDOUT, cwd=str(ROOT), env=env)
@@ -432,7 +362,6 @@ def build_parser():
     p.add_argument("--isolation", choices=["subprocess", "inprocess"], default="subprocess",
                    help="one subprocess per run (own peak RSS, crash isolation) or all in this process")
     p.add_argument("--force", action="store_true", help="rerun chosen rows even if finished")
-    p.add_argument("--retry-failed", action="store_true", default=True, help=argparse.SUPPRESS)
     p.add_argument("--keep-checkpoints", action="store_true", help="keep best checkpoints under --work-dir")
     p.add_argument("--report-only", action="store_true", help="only rewrite the report from existing results")
     p.add_argument("--dry-run", action="store_true", help="print the resolved rows and exit")
@@ -497,8 +426,9 @@ def main(argv=None):
         return worker_main(args.worker)
     if not args.dataset:
         raise SystemExit("--dataset is required")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from recbole_fmrl.environment import set_offline_defaults
+
+    set_offline_defaults()
     import bench_report
 
     settings, jobs, skipped, tag, command = plan(args, argv)

@@ -12,7 +12,7 @@ from torch.nn import functional as F
 from recbole_fmrl.model import fmrlrec as fmrlrec_module
 from recbole_fmrl.model.fmlprec import FilterLayer, FMLPRec
 from recbole_fmrl.model.lru import LRULayer
-from recbole_fmrl.quick_start import prepare, run
+from recbole_fmrl.train.driver import prepare, run
 from tests.conftest import write_tiny_dataset
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"

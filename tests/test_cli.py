@@ -1,13 +1,13 @@
 import recbole.config.configurator as recbole_configurator
 
 import run_recbole_fmrl
-from recbole_fmrl import quick_start
-from recbole_fmrl.config import Config
+from recbole_fmrl.train import driver
+from recbole_fmrl.train.config import Config
 
 
 def capture(monkeypatch, argv):
     seen = {}
-    monkeypatch.setattr(quick_start, "run", lambda **kw: seen.update(kw))
+    monkeypatch.setattr(driver, "run", lambda **kw: seen.update(kw))
     run_recbole_fmrl.main(argv)
     return seen
 

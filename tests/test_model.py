@@ -3,10 +3,10 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from recbole_fmrl import checkpoint
+from recbole_fmrl.train import checkpoint
 from recbole_fmrl.data import features as feature_files
 from recbole_fmrl.model.lru import Packing
-from recbole_fmrl.quick_start import prepare, run
+from recbole_fmrl.train.driver import prepare, run
 from tests.conftest import write_tiny_dataset
 
 
@@ -180,16 +180,16 @@ def test_end_to_end_run_checkpoint_reload(tiny_config, tmp_path):
 def test_atomic_writes_have_ordinary_permissions(tmp_path):
     import os
 
-    from recbole_fmrl import atomic_io
+    from recbole_fmrl import atomic_write
 
-    atomic_io.write_text(tmp_path / "a.txt", "x")
+    atomic_write.write_text(tmp_path / "a.txt", "x")
     mask = os.umask(0)
     os.umask(mask)
     assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o666 & ~mask
 
 
 def test_recbole_model_lookup_leaves_anomaly_detection_off():
-    from recbole_fmrl.registry import get_model
+    from recbole_fmrl.train.registry import get_model
 
     assert get_model("SASRec").__name__ == "SASRec"
     assert not torch.is_anomaly_enabled()

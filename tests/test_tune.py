@@ -9,8 +9,10 @@ import pytest
 import torch
 import yaml
 
-from recbole_fmrl import tune as fmrl_tune
-from recbole_fmrl.quick_start import run
+from recbole_fmrl.tune import search as tune_search
+from recbole_fmrl.tune import space as tune_space
+from recbole_fmrl.tune import trial as tune_trial
+from recbole_fmrl.train.driver import run
 
 TINY = {"hidden_size": 16, "fmrl_sizes": [8, 16], "epochs": 3, "stopping_step": 10, "train_batch_size": 16,
         "eval_batch_size": 64, "state": "INFO", "topk": [5, 10, 20], "MAX_ITEM_LIST_LENGTH": 20, "seed": 7,
@@ -32,49 +34,49 @@ def write_space(path, fixed, space, derived=None, **top):
 
 @pytest.mark.parametrize("name", ["fmrlrec-paper", "fmrlrec-random-asha", "fmrlrec-cpu", "sasrec-cpu", "sasrec-paper"])
 def test_shipped_spaces_load(name):
-    job = fmrl_tune.build_job(name, "ml-100k")
-    params = fmrl_tune.ray_param_space(job["space"], job["search"])
+    job = tune_space.build_job(name, "ml-100k")
+    params = tune_space.ray_param_space(job["space"], job["search"])
     assert set(params) == set(job["space"])
     assert os.path.isabs(job["storage_path"])
 
 
 def test_paper_grid_is_the_papers():
-    job = fmrl_tune.build_job("fmrlrec-paper", "ml-100k")
-    assert fmrl_tune.grid_points(job["space"], job["search"]) == 6 * 4 * 8 * 3 * 6 * 2
-    assert fmrl_tune.expand_range(job["space"]["hidden_dropout_prob"]["range"]) == [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
-    assert fmrl_tune.expand_range(job["space"]["fmrl_ring_r_min"]["range"]) == [0.0, 0.1, 0.2, 0.3, 0.4, 0.5]
-    cfg = fmrl_tune.trial_config_dict(job, {"fmrl_ring_r_min": 0.2, "hidden_dropout_prob": 0.3})
+    job = tune_space.build_job("fmrlrec-paper", "ml-100k")
+    assert tune_space.grid_points(job["space"], job["search"]) == 6 * 4 * 8 * 3 * 6 * 2
+    assert tune_space.expand_range(job["space"]["hidden_dropout_prob"]["range"]) == [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
+    assert tune_space.expand_range(job["space"]["fmrl_ring_r_min"]["range"]) == [0.0, 0.1, 0.2, 0.3, 0.4, 0.5]
+    cfg = tune_space.trial_config_dict(job, {"fmrl_ring_r_min": 0.2, "hidden_dropout_prob": 0.3})
     assert cfg["fmrl_ring_r_max"] == 0.3 and cfg["attn_dropout_prob"] == 0.3
     # pinning on the command line takes a key out of the search
-    pinned = fmrl_tune.build_job("fmrlrec-paper", "ml-100k", overrides={"hidden_size": "256", "n_layers": "2"})
+    pinned = tune_space.build_job("fmrlrec-paper", "ml-100k", overrides={"hidden_size": "256", "n_layers": "2"})
     assert pinned["pinned"] == ["hidden_size", "n_layers"] and "hidden_size" not in pinned["space"]
     assert pinned["base"]["hidden_size"] == 256
-    assert fmrl_tune.grid_points(pinned["space"], "grid") == 8 * 3 * 6 * 2
+    assert tune_space.grid_points(pinned["space"], "grid") == 8 * 3 * 6 * 2
 
 
 def test_random_search_and_asha(tmp_path):
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.sample import Categorical, Float
 
-    job = fmrl_tune.build_job("fmrlrec-random-asha", "ml-100k", overrides={"epochs": "12"})
-    params = fmrl_tune.ray_param_space(job["space"], job["search"])
+    job = tune_space.build_job("fmrlrec-random-asha", "ml-100k", overrides={"epochs": "12"})
+    params = tune_space.ray_param_space(job["space"], job["search"])
     assert isinstance(params["hidden_size"], Categorical) and isinstance(params["learning_rate"], Float)
-    assert fmrl_tune.grid_points(job["space"], job["search"]) == 1 and job["num_samples"] == 40
-    config = fmrl_tune.make_config("FMRLRec", "ml-100k", dict(job["base"]))
-    scheduler = fmrl_tune._scheduler(job, config)
+    assert tune_space.grid_points(job["space"], job["search"]) == 1 and job["num_samples"] == 40
+    config = tune_space.make_config("FMRLRec", "ml-100k", dict(job["base"]))
+    scheduler = tune_search._scheduler(job, config)
     assert isinstance(scheduler, ASHAScheduler) and scheduler._max_t == 12 and scheduler._brackets[0]._rungs[-1][0] == 5
-    grid = fmrl_tune.build_job("fmrlrec-cpu", "ml-100k", scheduler="asha")
-    assert fmrl_tune._scheduler(grid, fmrl_tune.make_config("FMRLRec", "ml-100k", dict(grid["base"])))._max_t == 10
+    grid = tune_space.build_job("fmrlrec-cpu", "ml-100k", scheduler="asha")
+    assert tune_search._scheduler(grid, tune_space.make_config("FMRLRec", "ml-100k", dict(grid["base"])))._max_t == 10
 
 
 def test_space_errors(tmp_path):
     with pytest.raises(ValueError, match="cannot be searched"):
-        fmrl_tune.build_job(str(write_space(tmp_path / "a.yaml", {}, {"valid_metric": ["NDCG@10"]})), "tiny")
+        tune_space.build_job(str(write_space(tmp_path / "a.yaml", {}, {"valid_metric": ["NDCG@10"]})), "tiny")
     with pytest.raises(ValueError, match="expected a list"):
-        fmrl_tune.build_job(str(write_space(tmp_path / "b.yaml", {}, {"hidden_size": {"normal": [1, 2]}})), "tiny")
+        tune_space.build_job(str(write_space(tmp_path / "b.yaml", {}, {"hidden_size": {"normal": [1, 2]}})), "tiny")
     with pytest.raises(ValueError, match="only numbers"):
-        fmrl_tune.evaluate_expression("__import__('os').getcwd()", {})
-    assert fmrl_tune.evaluate_expression("max(a * 2, 3) - 0.5", {"a": 4}) == 7.5
+        tune_space.evaluate_expression("__import__('os').getcwd()", {})
+    assert tune_space.evaluate_expression("max(a * 2, 3) - 0.5", {"a": 4}) == 7.5
 
 
 # ----------------------------------------------------------------------------- one trial without Ray
@@ -82,14 +84,14 @@ def test_space_errors(tmp_path):
 def _job(tiny_root, tmp_path, **fixed):
     space = write_space(tmp_path / "space.yaml", {**tiny_fixed(tiny_root, tmp_path, "hidden_size"), **fixed},
                         {"hidden_size": [16]})
-    return fmrl_tune.build_job(str(space), "tiny", storage_path=str(tmp_path / "tune"))
+    return tune_space.build_job(str(space), "tiny", storage_path=str(tmp_path / "tune"))
 
 
 def test_resumed_trial_continues_exactly(tiny_root, tmp_path):
     torch.set_num_threads(1)
     job = _job(tiny_root, tmp_path, epochs=4)
     full = []
-    fmrl_tune.train_trial(job, {"hidden_size": 16}, tmp_path / "full", lambda m, f: full.append(m))
+    tune_trial.train_trial(job, {"hidden_size": 16}, tmp_path / "full", lambda m, f: full.append(m))
     assert [m["epoch"] for m in full] == [0, 1, 2, 3] and full[-1]["finished"] == "max_epochs"
 
     saved, seen = tmp_path / "saved-ckpt", []
@@ -101,9 +103,9 @@ def test_resumed_trial_continues_exactly(tiny_root, tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        fmrl_tune.train_trial(job, {"hidden_size": 16}, tmp_path / "cut", interrupted)
+        tune_trial.train_trial(job, {"hidden_size": 16}, tmp_path / "cut", interrupted)
     rest = []
-    fmrl_tune.train_trial(job, {"hidden_size": 16}, tmp_path / "cut", lambda m, f: rest.append(m), resume_dir=saved)
+    tune_trial.train_trial(job, {"hidden_size": 16}, tmp_path / "cut", lambda m, f: rest.append(m), resume_dir=saved)
     assert [m["epoch"] for m in rest] == [2, 3]
     for a, b in zip(full, seen + rest):
         assert a["train_loss"] == b["train_loss"] and a["valid_score"] == b["valid_score"]
@@ -111,27 +113,27 @@ def test_resumed_trial_continues_exactly(tiny_root, tmp_path):
 
 
 def test_dataset_loaded_once_per_worker(tiny_root, tmp_path, monkeypatch):
-    import recbole_fmrl.registry as registry
+    import recbole_fmrl.train.registry as registry
 
     loads = []
     original = registry.create_dataset
     monkeypatch.setattr(registry, "create_dataset", lambda config: loads.append(1) or original(config))
-    fmrl_tune._DATASETS.clear()
+    tune_trial._DATASETS.clear()
     job = _job(tiny_root, tmp_path, epochs=1)
     nets = []
     for hidden in (8, 16):
-        cfg = fmrl_tune.trial_config_dict(job, {"hidden_size": hidden, "fmrl_sizes": [hidden]})
+        cfg = tune_space.trial_config_dict(job, {"hidden_size": hidden, "fmrl_sizes": [hidden]})
         cfg["fmrl_output_dir"] = str(tmp_path / f"h{hidden}")
-        _, net, _, (train, _, _) = fmrl_tune.build_run("FMRLRec", "tiny", cfg, log=False)
+        _, net, _, (train, _, _) = tune_trial.build_run("FMRLRec", "tiny", cfg, log=False)
         nets.append(train._dataset)
-    assert len(loads) == 1 and len(fmrl_tune._DATASETS) == 1
-    loaded = next(iter(fmrl_tune._DATASETS.values()))
+    assert len(loads) == 1 and len(tune_trial._DATASETS) == 1
+    loaded = next(iter(tune_trial._DATASETS.values()))
     assert nets[0]._feature_cache is nets[1]._feature_cache is loaded._feature_cache  # features read once
     assert nets[0]._feature_cache  # and really loaded
     # a different dataset configuration is a different cache entry
-    cfg = dict(fmrl_tune.trial_config_dict(job, {"hidden_size": 16}), MAX_ITEM_LIST_LENGTH=10,
+    cfg = dict(tune_space.trial_config_dict(job, {"hidden_size": 16}), MAX_ITEM_LIST_LENGTH=10,
                fmrl_output_dir=str(tmp_path / "l10"))
-    fmrl_tune.build_run("FMRLRec", "tiny", cfg, log=False)
+    tune_trial.build_run("FMRLRec", "tiny", cfg, log=False)
     assert len(loads) == 2
 
 
@@ -140,12 +142,12 @@ def test_recbole_gpu_id_cannot_override_ray_gpu(tiny_root, tmp_path, monkeypatch
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
     monkeypatch.setattr(ray, "get_gpu_ids", lambda: [3])
-    assert fmrl_tune.ray_device_overrides() == {"gpu_id": "3", "use_gpu": True}
-    config = fmrl_tune.make_config("FMRLRec", "tiny", {**tiny_fixed(tiny_root, tmp_path), "gpu_id": 0})
+    assert tune_trial.ray_device_overrides() == {"gpu_id": "3", "use_gpu": True}
+    config = tune_space.make_config("FMRLRec", "tiny", {**tiny_fixed(tiny_root, tmp_path), "gpu_id": 0})
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "3"  # RecBole's gpu_id=0 did not leak out
     monkeypatch.setattr(ray, "get_gpu_ids", lambda: [])
-    assert fmrl_tune.ray_device_overrides() == {"gpu_id": "", "use_gpu": False}
-    config = fmrl_tune.make_config("FMRLRec", "tiny", {**tiny_fixed(tiny_root, tmp_path), "gpu_id": "", "use_gpu": False})
+    assert tune_trial.ray_device_overrides() == {"gpu_id": "", "use_gpu": False}
+    config = tune_space.make_config("FMRLRec", "tiny", {**tiny_fixed(tiny_root, tmp_path), "gpu_id": "", "use_gpu": False})
     assert config["device"] == torch.device("cpu") and os.environ["CUDA_VISIBLE_DEVICES"] == "3"
 
 
@@ -166,8 +168,8 @@ def search(ray_session, tiny_root, tmp_path_factory):
     space = write_space(tmp / "space.yaml", tiny_fixed(tiny_root, tmp, "learning_rate"),
                         # -1 is not a learning rate: that trial fails (twice: one retry) and the search goes on
                         {"learning_rate": [0.003, 0.01, -1.0]}, {"attn_dropout_prob": "hidden_dropout_prob / 2"})
-    job = fmrl_tune.build_job(str(space), "tiny", storage_path=str(tmp / "tune"), name="tiny-grid", max_failures=1)
-    summary = fmrl_tune.run_search(job, verbose=0)
+    job = tune_space.build_job(str(space), "tiny", storage_path=str(tmp / "tune"), name="tiny-grid", max_failures=1)
+    summary = tune_search.run_search(job, verbose=0)
     return job, summary, tmp
 
 
@@ -218,7 +220,7 @@ def test_best_yaml_reproduces_the_validation_score(search):
     best = yaml.safe_load(open(summary["best_yaml"]))
     assert best["learning_rate"] == summary["selected"]["params"]["learning_rate"]
     assert best["attn_dropout_prob"] == best["hidden_dropout_prob"] / 2  # derived keys are written out
-    assert not set(fmrl_tune.TRIAL_KEYS) & set(best)
+    assert not set(tune_space.TRIAL_KEYS) & set(best)
     torch.set_num_threads(1)  # as the trial (1 CPU)
     # as `run_recbole_fmrl.py --config_files best.yaml` does it (logging on, at the YAML's `state` level)
     rerun = run(model=best["model"], dataset=best["dataset"], config_file_list=[summary["best_yaml"]],
@@ -229,10 +231,10 @@ def test_best_yaml_reproduces_the_validation_score(search):
 
 def test_rerunning_resumes_the_finished_search(search):
     job, summary, _ = search
-    again = fmrl_tune.run_search(job, verbose=0, evaluate_test=False)  # restores: nothing is retrained
+    again = tune_search.run_search(job, verbose=0, evaluate_test=False)  # restores: nothing is retrained
     assert [(r["trial_id"], r["best_valid_score"]) for r in again["rows"]][:2] == \
            [(r["trial_id"], r["best_valid_score"]) for r in summary["rows"]][:2]
-    assert json.loads(open(os.path.join(summary["experiment_dir"], fmrl_tune.JOB_FILE)).read())["name"] == "tiny-grid"
+    assert json.loads(open(os.path.join(summary["experiment_dir"], tune_search.JOB_FILE)).read())["name"] == "tiny-grid"
     assert math.isfinite(again["rows"][0]["best_valid_score"])
 
 
@@ -241,10 +243,10 @@ def test_recbole_baseline_uses_the_same_trial_loop(tiny_root, tmp_path):
                         {**tiny_fixed(tiny_root, tmp_path, "hidden_size", "fmrl_sizes"), "epochs": 2, "n_layers": 1,
                          "n_heads": 1, "loss_type": "CE", "train_neg_sample_args": None},
                         {"hidden_size": [8, 16]}, {"inner_size": "hidden_size * 2"}, model="SASRec")
-    job = fmrl_tune.build_job(str(space), "tiny")
+    job = tune_space.build_job(str(space), "tiny")
     assert job["model"] == "SASRec"
     reports = []
-    fmrl_tune.train_trial(job, {"hidden_size": 8}, tmp_path / "sasrec", lambda m, f: reports.append((m, f is not None)),
+    tune_trial.train_trial(job, {"hidden_size": 8}, tmp_path / "sasrec", lambda m, f: reports.append((m, f is not None)),
                           threads=1)  # as a 1-CPU trial; 2 threads on 2 busy cores spin-wait
     assert not torch.is_anomaly_enabled()  # importing RecBole's SINE turned it on; trials turn it off
     assert [m["epoch"] for m, _ in reports] == [0, 1] and all(has_ckpt for _, has_ckpt in reports)

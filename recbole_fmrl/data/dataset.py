@@ -15,7 +15,7 @@ from recbole.data.interaction import Interaction
 from recbole.utils import FeatureSource, FeatureType
 
 from recbole_fmrl.data import features as feature_files
-from recbole_fmrl.model.fusion import MODALITY_CHOICES, modality_parts
+from recbole_fmrl.data.modality import resolve_modality
 
 OBJECTIVES = ("all_positions", "last_position")
 
@@ -27,22 +27,10 @@ class FMRLDataset(SequentialDataset):
             raise ValueError(f"fmrl_train_objective: unknown value {objective!r}; expected one of {OBJECTIVES}")
         super().__init__(config)
         self.target_list_field = self.iid_field + "_target" + config["LIST_SUFFIX"]
-        self.feature_dir = Path(config["fmrl_feature_path"] or config["data_path"])
-        self.fmrl_modality = self._resolve_modality(config["fmrl_modality"])
-        self._feature_cache = {}
-
-    def _resolve_modality(self, requested):
+        self.feature_dir = feature_files.locate(config)
         found = feature_files.available_modalities(self.feature_dir, self.dataset_name)
-        if requested in (None, "auto"):
-            if not found:
-                raise ValueError(
-                    f"fmrl_modality=auto: no item features in {self.feature_dir} "
-                    f"({self.dataset_name}.features.json missing); build them with `python -m dataset_tools` "
-                    f"or set fmrl_modality=id")
-            return "text_image" if set(found) >= {"text", "image"} else found[0]
-        if requested not in MODALITY_CHOICES:
-            raise ValueError(f"fmrl_modality: unknown value {requested!r}; expected auto or one of {MODALITY_CHOICES}")
-        return requested
+        self.fmrl_modality = resolve_modality(config["fmrl_modality"], found, str(self.feature_dir))
+        self._feature_cache = {}
 
     def item_features(self, parts, norm="none"):
         """Concatenated frozen features [item_num, F] (float32) in internal-id order; row 0 zero.

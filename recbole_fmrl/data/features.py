@@ -19,7 +19,7 @@ from typing import Optional
 
 import numpy as np
 
-from recbole_fmrl import atomic_io
+from recbole_fmrl import atomic_write
 
 FORMAT_VERSION = 1
 MODALITIES = ("text", "image")
@@ -65,7 +65,7 @@ def write_item_ids(folder, name, tokens):
     if len(set(tokens)) != len(tokens):
         raise FeatureFileError("item tokens must be unique")
     target = paths(folder, name)["item_ids"]
-    atomic_io.write_text(target, "".join(t + "\n" for t in tokens))
+    atomic_write.write_text(target, "".join(t + "\n" for t in tokens))
     return sha256_file(target)
 
 
@@ -96,12 +96,12 @@ def write_modality(folder, name, modality, array, encoder, normalized, mask=None
         raise FeatureFileError(f"{modality} table has shape {array.shape}; {ids_path} has {n_rows} rows")
     if not np.isfinite(array).all():
         raise FeatureFileError(f"{modality} table contains NaN or inf")
-    atomic_io.write_npy(p[modality], array)
+    atomic_write.write_npy(p[modality], array)
     if mask is not None:
         mask = np.asarray(mask, dtype=bool)
         if mask.shape != (n_rows,):
             raise FeatureFileError(f"{modality} mask has shape {mask.shape}, expected ({n_rows},)")
-        atomic_io.write_npy(p[f"{modality}_mask"], mask)
+        atomic_write.write_npy(p[f"{modality}_mask"], mask)
     manifest = read_manifest(folder, name)
     manifest["modalities"][modality] = {
         "file": p[modality].name,
@@ -113,7 +113,7 @@ def write_modality(folder, name, modality, array, encoder, normalized, mask=None
         "item_ids_sha256": sha256_file(ids_path),
         **(extra or {}),
     }
-    atomic_io.write_json(p["json"], manifest)
+    atomic_write.write_json(p["json"], manifest)
     return manifest["modalities"][modality]
 
 
@@ -222,3 +222,20 @@ def align(table, id2token, source="features"):
     mask = np.zeros(len(tokens) + 1, dtype=bool)
     mask[1:] = True if table.mask is None else table.mask[rows]
     return out, mask
+
+
+def cache_folder(cache_dir, name):
+    """Where features built for a dataset that ships none are cached (the dataset folder stays untouched)."""
+    return Path(cache_dir) / "features" / name
+
+
+def locate(config):
+    """A run's feature folder: ``fmrl_feature_path``, else the dataset folder when it holds features,
+    else the plugin's cache (where first-use feature building writes)."""
+    if config["fmrl_feature_path"]:
+        return Path(config["fmrl_feature_path"])
+    name, data_dir = config["dataset"], Path(config["data_path"])  # RecBole's data_path: the dataset's folder
+    if available_modalities(data_dir, name):
+        return data_dir
+    cached = cache_folder(config["fmrl_cache_dir"], name)
+    return cached if available_modalities(cached, name) else data_dir

@@ -34,6 +34,8 @@ from recbole.utils import InputType
 from torch import nn
 from torch.nn import functional as F
 
+from recbole_fmrl.model.labels import labelled_states
+
 FILTERS = ("global", "causal")
 
 
@@ -150,13 +152,10 @@ class FMLPRec(SequentialRecommender):
         item_seq, item_seq_len = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]
         out = self.forward(item_seq, item_seq_len)  # [B L H], left-aligned
         table = self.item_embedding.weight[1:]  # [N H], padding excluded from the softmax
-        if self.target_list_field is not None and self.target_list_field in interaction:
-            targets = interaction[self.target_list_field]  # [B L] right-aligned like the inputs, 0 = no label
-            targets = targets.gather(1, self.left_align_index(item_seq_len, targets.shape[1]))
-            labelled = targets > 0
-            hidden, labels = out[labelled], targets[labelled]  # [P H], [P]
-        else:
-            hidden, labels = out[:, -1], interaction[self.POS_ITEM_ID]  # [B H], [B]
+        def left_aligned(targets):  # [B L] right-padded like the inputs, 0 = no label
+            return targets.gather(1, self.left_align_index(item_seq_len, targets.shape[1]))
+
+        hidden, labels = labelled_states(self, interaction, out, out[:, -1], left_aligned)  # [P H], [P]
         return F.cross_entropy(hidden @ table.T, labels - 1)
 
     def predict(self, interaction):

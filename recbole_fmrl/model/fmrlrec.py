@@ -18,7 +18,9 @@ from recbole.utils import InputType
 from torch import nn
 from torch.nn import functional as F
 
-from recbole_fmrl.model.fusion import FeatureFusion, IdEmbedding, modality_parts
+from recbole_fmrl.data.modality import modality_parts
+from recbole_fmrl.model.fusion import FeatureFusion, IdEmbedding
+from recbole_fmrl.model.labels import labelled_states
 from recbole_fmrl.model.loss import matryoshka_cross_entropy, matryoshka_logits
 from recbole_fmrl.model.lru import LRULayer, Packing
 from recbole_fmrl.model.nested import NestedLayerNorm, NestedLinear, check_sizes, default_sizes
@@ -70,7 +72,7 @@ class FMRLRec(SequentialRecommender):
         parts = modality_parts(self.modality)
         if parts:
             if not hasattr(dataset, "item_features"):
-                raise ValueError(f"fmrl_modality={self.modality!r} needs FMRLDataset (use recbole_fmrl's quick_start)")
+                raise ValueError(f"fmrl_modality={self.modality!r} needs FMRLDataset (build the run with recbole_fmrl.train.driver.prepare)")
             features = dataset.item_features(parts, config["fmrl_feature_norm"] or "none")
             self.item_encoder = FeatureFusion(features, self.hidden_size)
         else:
@@ -114,12 +116,7 @@ class FMRLRec(SequentialRecommender):
         item_seq, item_seq_len = interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN]  # [B L], [B]
         table = self.item_table()  # [N+1 d], once for inputs and outputs of every size
         x, packing = self.encode(item_seq, item_seq_len, table)  # [V d]
-        if self.target_list_field is not None and self.target_list_field in interaction:
-            targets = interaction[self.target_list_field][:, : packing.length].flatten()[packing.index]  # [V]
-            labelled = targets > 0
-            hidden, labels = x[labelled], targets[labelled]  # [P d], [P]
-        else:
-            hidden, labels = x[packing.last], interaction[self.POS_ITEM_ID]  # [B d], [B]
+        hidden, labels = labelled_states(self, interaction, x, x[packing.last], packing.gather)  # [P d], [P]
         per_size = matryoshka_cross_entropy(hidden, table[1:], labels - 1, self.sizes, self.loss_chunk_size,
                                             weights=self.size_weights, native=self.native_loss)
         return tuple(per_size * self.size_weights)  # RecBole sums them and logs each size
@@ -137,6 +134,25 @@ class FMRLRec(SequentialRecommender):
     def full_sort_predict_sizes(self, interaction):
         """Scores of every size from one pass: [K B N+1] (column 0 is padding)."""
         return matryoshka_logits(self._last_hidden(interaction), self.item_table(), self.sizes)
+
+    def model_args(self):
+        """Plain hyper-parameters that rebuild this network without RecBole (nanoGPT-style)."""
+        config = self._build_args[0]
+        return {"model": "FMRLRec", "hidden_size": self.hidden_size, "sizes": list(self.sizes),
+                "n_layers": self.n_layers, "ffn_ratio": int(config["fmrl_ffn_ratio"]),
+                "state_ratio": self.blocks[0].lru.state_size // self.hidden_size if self.n_layers else 1,
+                "layer_norm_eps": self.blocks[0].ln1.eps if self.n_layers else 1e-5,
+                "modality": self.modality, "feature_norm": config["fmrl_feature_norm"] or "none",
+                "n_items": int(self.n_items), "max_seq_length": int(self.max_seq_length)}
+
+    def export_info(self):
+        """What an export needs besides the weights: ``model_args`` and the item catalog (cached)."""
+        if getattr(self, "_export_info", None) is None:
+            from recbole_fmrl.data.catalog import item_catalog
+
+            self._export_info = {"model_args": self.model_args(),
+                                 **item_catalog(self._build_args[1], modality_parts(self.modality))}
+        return self._export_info
 
     def nested_parameter_count(self, size=None):
         """Trainable parameters of the size-m model, counting only non-zero nested blocks."""

@@ -7,16 +7,6 @@ only ever feeds hidden dim i, so the size-m model uses rows [:m] of W_p and b_p.
 import torch
 from torch import nn
 
-MODALITY_CHOICES = ("text_image", "text", "image", "id")
-
-
-def modality_parts(modality):
-    """Feature tables a modality setting reads, e.g. 'text_image' -> ['text', 'image']."""
-    if modality not in MODALITY_CHOICES:
-        raise ValueError(f"fmrl_modality: unknown value {modality!r}; expected one of {MODALITY_CHOICES}")
-    return [] if modality == "id" else modality.split("_")
-
-
 class FeatureFusion(nn.Module):
     """Projects concatenated frozen features [N+1, F] to the hidden size; row 0 is padding."""
 

@@ -115,6 +115,9 @@ class Packing:
         self.last = torch.cumsum(lengths, 0) - 1  # [B] token index of each sequence's last item
         self._buckets = None
 
+    def gather(self, padded):  # [B L ...] right-padded -> [V ...], the real tokens in packed order
+        return padded[:, : self.length].flatten(0, 1)[self.index]
+
     def buckets(self, min_saving=1 / 3):
         """Length buckets for the scan: ``[(Packing of a bucket, its token ids in V or None)]``.
 

@@ -33,6 +33,7 @@ from recbole.utils import InputType
 from torch import nn
 from torch.nn import functional as F
 
+from recbole_fmrl.model.labels import labelled_states
 from recbole_fmrl.model.lru import LRULayer, Packing
 
 
@@ -113,12 +114,7 @@ class LRURec(SequentialRecommender):
 
     def calculate_loss(self, interaction):
         x, packing = self.encode(interaction[self.ITEM_SEQ], interaction[self.ITEM_SEQ_LEN])  # [V d]
-        if self.target_list_field is not None and self.target_list_field in interaction:
-            targets = interaction[self.target_list_field][:, : packing.length].flatten()[packing.index]  # [V]
-            labelled = targets > 0
-            hidden, labels = x[labelled], targets[labelled]  # [P d], [P]
-        else:
-            hidden, labels = x[packing.last], interaction[self.POS_ITEM_ID]  # [B d], [B]
+        hidden, labels = labelled_states(self, interaction, x, x[packing.last], packing.gather)  # [P d], [P]
         logits = hidden @ self.item_embedding.weight[1:].T + self.item_bias[1:]  # [P N], padding excluded
         return F.cross_entropy(logits, labels - 1)
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from recbole_fmrl.config import default_cache_dir
+from recbole_fmrl.paths import default_cache_dir
 
 SOURCE = Path(__file__).with_name("matryoshka_softmax.c")
 # -ffinite-math-only and re-association let gcc vectorise the max/sum reductions; not -ffast-math,
@@ -34,7 +34,12 @@ FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fass
 MAX_SIZES = 64  # MAX_K in the source
 
 _lock = threading.Lock()
-_state = {"lib": None, "error": None, "warned": False}
+_state = {"lib": None, "error": None, "warned": False, "cache_dir": None}
+
+
+def set_cache_dir(path):
+    """Build and look up kernels under ``<path>/kernels`` (the run's ``fmrl_cache_dir``)."""
+    _state["cache_dir"] = Path(path) if path else None
 
 
 def _compiler():
@@ -65,7 +70,7 @@ def build():
     source = SOURCE.read_bytes()
     key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), version.encode(),
                                      _cpu_signature().encode()])).hexdigest()[:16]
-    target = default_cache_dir() / "kernels" / f"matryoshka_softmax-{key}.so"
+    target = (_state["cache_dir"] or default_cache_dir()) / "kernels" / f"matryoshka_softmax-{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -10,26 +10,15 @@ from pathlib import Path
 
 from recbole.config import Config as RecBoleConfig
 
-from recbole_fmrl.registry import get_model
-
-
-def properties_dir():
-    """The plugin's properties/: bundled in the package when installed, else the source tree's."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "properties", here.parent / "properties"):
-        if (candidate / "overall.yaml").is_file():
-            return candidate
-    raise FileNotFoundError(f"recbole_fmrl properties/ not found next to {here}")
-
-
-def default_cache_dir():
-    return Path(os.environ.get("RECBOLE_FMRL_CACHE", Path.home() / ".cache" / "recbole_fmrl"))
+from recbole_fmrl.paths import default_cache_dir, properties_dir
+from recbole_fmrl.train.registry import get_model
 
 
 class Config(RecBoleConfig):
     def _init_parameters_category(self):
         super()._init_parameters_category()
-        self.parameters = {k: list(v) for k, v in self.parameters.items()}  # RecBole mutates these in place
+        # copies: RecBole's += on them would grow its module-level argument lists for the whole process
+        self.parameters = {k: list(v) for k, v in self.parameters.items()}
 
     def _load_cmd_line(self):
         return {}
@@ -48,10 +37,8 @@ class Config(RecBoleConfig):
         for path in (props / "overall.yaml", props / "model" / f"{model}.yaml", props / "dataset" / f"{dataset}.yaml"):
             if path.is_file():
                 loaded = self._update_internal_config_dict(path)
-                if path.parent.name == "dataset" and loaded:
-                    # a new list: RecBole's += would grow its module-level dataset_arguments for good
-                    self.parameters["Dataset"] = self.parameters["Dataset"] + [
-                        k for k in loaded if k not in self.parameters["Dataset"]]
+                if path.parent.name == "dataset" and loaded:  # RecBole's rule: a dataset file's keys are dataset keys
+                    self.parameters["Dataset"] += [k for k in loaded if k not in self.parameters["Dataset"]]
 
     def _set_default_parameters(self):
         super()._set_default_parameters()

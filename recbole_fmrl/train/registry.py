@@ -38,7 +38,8 @@ def create_dataset(config):
     return recbole_create_dataset(config)
 
 
-def get_trainer(model_name=None):
-    from recbole_fmrl.trainer import FMRLTrainer
+def get_trainer():
+    """Every model, plugin or RecBole, trains with FMRLTrainer (RecBole's loop plus per-size evaluation)."""
+    from recbole_fmrl.train.trainer import FMRLTrainer
 
     return FMRLTrainer

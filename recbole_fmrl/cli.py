@@ -1,0 +1,91 @@
+"""The command line, RecBole style: train and evaluate (default), tune, export, recommend.
+
+    recbole-fmrl                                   # the embedded default job: FMRLRec on RecBole's ml-100k
+    recbole-fmrl --model SASRec --dataset NAME --config_files a.yaml b.yaml hidden_size=128
+    recbole-fmrl tune --space properties/tune/fmrlrec-cpu.yaml --dataset ml-100k   # Ray Tune search
+    recbole-fmrl export --checkpoint runs/saved/FMRLRec-....pth --sizes 16 64 --output artifacts
+    recbole-fmrl recommend --artifact artifacts/size-64 --history 50 172 --topk 10
+
+``python run_recbole_fmrl.py ...`` is the same command. Errors in the input (files, columns, keys)
+end in one line naming what is wrong; ``--debug`` shows the traceback instead.
+"""
+import argparse
+import sys
+import warnings
+from typing import Optional
+
+from recbole_fmrl.environment import set_offline_defaults
+from recbole_fmrl.paths import properties_dir
+
+SUBCOMMANDS = ("train", "tune", "export", "recommend")
+
+
+def parse_overrides(items) -> dict:
+    """``key=value`` or ``--key=value`` pairs into a dict (values typed later by RecBole's Config)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.lstrip("-").partition("=")
+        if not sep or not key:
+            raise SystemExit(f"unrecognised argument {item!r}: expected key=value")
+        out[key] = value
+    return out
+
+
+def train_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="recbole-fmrl", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", "-m", default=None,
+                        help="FMRLRec (default), LRURec, FMLPRec or any RecBole model; a config file's model: also works")
+    parser.add_argument("--dataset", "-d", default=None,
+                        help="dataset name, a folder under data_path (default: RecBole's bundled ml-100k)")
+    parser.add_argument("--config_files", nargs="*", default=None, help="YAML files, later ones win")
+    return parser
+
+
+def train_main(argv, feature_builder=None):
+    """Train + evaluate one configuration; with no model, dataset or config file: the default job."""
+    args, rest = train_parser().parse_known_args(argv)
+    # nargs="*" also swallows key=value pairs written after the file list: give them back
+    files = [f for f in args.config_files or [] if "=" not in f or f.endswith((".yaml", ".yml"))]
+    rest += [f for f in args.config_files or [] if f not in files]
+    if not files and args.model is None and args.dataset is None:
+        files = [str(properties_dir() / "job" / "default.yaml")]
+    from recbole_fmrl.train.driver import run
+
+    return run(model=args.model, dataset=args.dataset, config_file_list=files or None,
+               config_dict=parse_overrides(rest), feature_builder=feature_builder)
+
+
+def dispatch(argv, feature_builder=None):
+    command = argv[0] if argv[:1] and argv[0] in SUBCOMMANDS else "train"
+    rest = argv[1:] if argv[:1] == [command] else argv
+    if command == "tune":  # `tune --help` lists the search options
+        from recbole_fmrl.tune.command import main as tune_main
+
+        return tune_main(rest, feature_builder=feature_builder)
+    if command == "export":
+        from recbole_fmrl.deploy.command import export_main
+
+        return export_main(rest)
+    if command == "recommend":
+        from recbole_fmrl.deploy.command import recommend_main
+
+        return recommend_main(rest)
+    return train_main(rest, feature_builder)
+
+
+def main(argv: Optional[list] = None, feature_builder=None):
+    """Entry point; ``feature_builder`` (from dataset_tools) builds missing item features on first use."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    set_offline_defaults()
+    # RecBole 1.2.1 trips pandas/torch deprecation warnings on every dataset load; they are not actionable here.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"recbole\.")
+    try:
+        return dispatch(argv, feature_builder)
+    except (ValueError, FileNotFoundError, KeyError, RuntimeError) as err:
+        if debug:
+            raise
+        message = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        raise SystemExit(f"error: {message} (--debug shows the traceback)") from None

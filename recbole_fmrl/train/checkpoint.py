@@ -1,0 +1,83 @@
+"""Checkpoints that reload with ``torch.load(weights_only=True)`` (torch >= 2.6's default).
+
+RecBole pickles its whole Config object into checkpoints, which weights-only loading refuses.
+The plugin stores the configuration as plain values instead, so its own files load safely
+without allow-listing classes or monkeypatching torch.load.
+"""
+import enum
+import math
+import random
+
+import numpy as np
+import torch
+
+from recbole_fmrl import atomic_write
+
+
+def plain(value):
+    """Recursively reduce a config value to types weights-only unpickling accepts."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, enum.Enum):
+        return value.name
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:  # numpy / torch scalars
+        return plain(value.item())
+    return str(value)
+
+
+def save(path, *, config, state_dict, epoch, cur_step, best_valid_score, optimizer=None, other_parameter=None,
+         export=None):
+    """``export``: plain values an export needs without a Dataset (model_args, item catalog; issue 12)."""
+    state = {
+        "config": plain(dict(config.final_config_dict)),
+        "epoch": int(epoch),
+        "cur_step": int(cur_step),
+        "best_valid_score": float(best_valid_score),
+        "state_dict": state_dict,
+        "other_parameter": other_parameter,
+        "optimizer": optimizer,
+        "export": plain(export) if export is not None else None,
+    }
+    with atomic_write.atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load(path, map_location="cpu"):
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:
+        raise RuntimeError(f"{path}: cannot load as a recbole_fmrl checkpoint ({err})") from err
+
+
+def rng_state(train_data=None):
+    """Every random generator a training epoch draws from, as tensors and plain values."""
+    version, mt, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    generator = getattr(train_data, "generator", None)
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "loader": generator.get_state() if generator is not None else None,
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+        "random": [version, torch.tensor(mt, dtype=torch.int64), gauss],
+    }
+
+
+def set_rng_state(state, train_data=None):
+    """Restore what ``rng_state`` captured (the CUDA part only on a machine with as many GPUs)."""
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    generator = getattr(train_data, "generator", None)
+    if state["loader"] is not None and generator is not None:
+        generator.set_state(state["loader"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, mt, gauss = state["random"]
+    random.setstate((version, tuple(int(x) for x in mt.tolist()), gauss))

@@ -1,0 +1,153 @@
+"""Search results: one row per trial (sorted by validation score), results.csv/.md, best.yaml, selected.json."""
+import csv
+import json
+import math
+import os
+from pathlib import Path
+
+import yaml
+
+from recbole_fmrl.tune.space import TRIAL_KEYS, plain, trial_config_dict
+from recbole_fmrl.tune.trial import SCORE
+
+def _trial_params(result, job, saved_config=None):
+    """The sampled values of a trial (also for trials that failed before their first report)."""
+    params = result.config or saved_config
+    if params is None and result.path and os.path.isfile(os.path.join(result.path, "params.json")):
+        with open(os.path.join(result.path, "params.json")) as f:
+            params = json.load(f)
+    params = plain(params or {})
+    return {k: params[k] for k in job["space"] if k in params}
+
+
+def read_best_weights(checkpoint):
+    """best.pth of a trial's last Ray checkpoint (local folder or cloud storage), or None."""
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as folder:
+        path = Path(folder) / "best.pth"
+        return path.read_bytes() if path.is_file() else None
+
+
+def _trial_states(grid):
+    """Trial folder -> (status, sampled config) as saved in the experiment's state file.
+
+    The saved state tells an interrupted trial (PENDING / RUNNING / PAUSED) from a finished one,
+    which the ResultGrid does not; it also holds the config of trials that never started.
+    """
+    from ray.tune import ExperimentAnalysis
+
+    try:
+        trials = ExperimentAnalysis(getattr(grid, "_local_path", None) or grid.experiment_path).trials
+    except Exception:  # noqa: BLE001 - fall back to what the ResultGrid holds
+        trials = getattr(getattr(grid, "_experiment_analysis", None), "trials", None) or []
+    return {os.path.basename(str(t.local_path)): (t.status, t.config) for t in trials}
+
+
+def result_rows(grid, job, metric, mode):
+    rows = []
+    states = _trial_states(grid)
+    for result in grid:
+        m = result.metrics or {}
+        m = m if SCORE in m else {}  # a trial that never reported has only its trial_id here
+        saved_status, saved_config = states.get(os.path.basename(result.path or ""), ("TERMINATED", None))
+        params = _trial_params(result, job, saved_config)
+        derived = {k: v for k, v in trial_config_dict(job, params).items() if k in job["derived"]} if params else {}
+        error = "" if result.error is None else (str(result.error).strip().splitlines() or [""])[-1][:300]
+        status = "ERROR" if error else saved_status
+        end = m.get("finished") or ("error" if error else "unfinished" if status != "TERMINATED" else
+                                    "stopped by scheduler" if m else "no report")
+        row = {"trial_id": os.path.basename(result.path or "").replace("trial_", "") or (result.metrics or {}).get("trial_id", ""),
+               "status": status, "end": end, **params, **derived,
+               SCORE: m.get(SCORE, float("nan")), "best_epoch": m.get("best_epoch", ""),
+               "epochs": (m.get("epoch", -1) + 1) if m else 0, "evaluations": m.get("training_iteration", 0),
+               **{k[len("best/"):]: v for k, v in m.items() if k.startswith("best/")},
+               "time_s": f"{m.get('time_total_s', 0.0):.1f}", "error": error, "trial_dir": result.path,
+               "_params": params, "_checkpoint": result.checkpoint}
+        rows.append(row)
+    sign = -1 if mode == "max" else 1
+
+    def order(row):
+        score = row[SCORE]
+        ok = isinstance(score, (int, float)) and math.isfinite(score)
+        return (0 if ok else 1, sign * score if ok else 0, row["trial_id"])
+
+    rows.sort(key=order)
+    for i, row in enumerate(rows, 1):
+        row["rank"] = i
+    return rows
+
+
+def best_config(job, params):
+    """The selected configuration as one flat dict (trial-only keys left out)."""
+    cfg = trial_config_dict(job, params)
+    for key in TRIAL_KEYS:
+        cfg.pop(key, None)
+    return {"model": job["model"], "dataset": job["dataset"], **plain(cfg)}
+
+
+def _fmt(value):
+    if isinstance(value, float):
+        return "nan" if not math.isfinite(value) else f"{value:.4g}" if abs(value) < 1e-3 and value else f"{value:.4f}"
+    return str(value).replace("|", "\\|")
+
+
+def write_outputs(exp_dir, job, rows, selected, metric, mode, search_seconds, total_seconds):
+    exp_dir = Path(exp_dir)
+    param_cols = list(job["space"]) + list(job["derived"])
+    metric_cols = sorted({k for r in rows for k in r if "@" in k and not k.startswith("_")},
+                         key=lambda k: (k != metric, k.split("@")[0], int(k.split("@")[1]) if k.split("@")[1].isdigit() else 0))
+    head = ["rank", "trial_id", "status", "end"] + param_cols + [SCORE, "best_epoch", "epochs"]
+    csv_cols = head + metric_cols + ["time_s", "error", "trial_dir"]
+    with open(exp_dir / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=csv_cols, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: row.get(k, "") for k in csv_cols})
+    cutoff = metric.split("@")[1] if "@" in metric else None
+    md_metrics = [k for k in metric_cols if k != metric and (cutoff is None or k.endswith(f"@{cutoff}"))][:3]
+    md_cols = ["rank", "trial_id", "end"] + param_cols + [f"valid {metric}", "best epoch", "epochs"] + \
+              [f"valid {k}" for k in md_metrics] + ["time (s)"]
+    lines = [f"# Tune: {job['model']} on {job['dataset']} ({Path(job['space_file']).name})", "",
+             f"- search: {job['search']}, scheduler: {job['scheduler']}, trials: {len(rows)} "
+             f"({sum(r['status'] == 'ERROR' for r in rows)} failed, "
+             f"{sum(r['status'] not in ('ERROR', 'TERMINATED') for r in rows)} unfinished), "
+             f"selection: best validation {metric} ({mode})",
+             f"- wall time: search {search_seconds:.0f} s, with the selected trial's test evaluation {total_seconds:.0f} s",
+             f"- resources per trial: {job['resources']['cpu']:g} CPU, {job['resources']['gpu']:g} GPU"
+             + (f"; pinned: {', '.join(job['pinned'])}" if job["pinned"] else ""), "",
+             "Trials, sorted by validation score (test metrics are never used to select):", "",
+             "| " + " | ".join(md_cols) + " |", "|" + "---|" * len(md_cols)]
+    for row in rows:
+        cells = [row["rank"], row["trial_id"], row["end"] if row["status"] != "ERROR" else f"error: {row['error'][:80]}"]
+        cells += [row.get(k, "") for k in param_cols]
+        cells += [row[SCORE], row["best_epoch"], row["epochs"]] + [row.get(k, "") for k in md_metrics] + [row["time_s"]]
+        lines.append("| " + " | ".join(_fmt(c) for c in cells) + " |")
+    if selected:
+        best_yaml = exp_dir / "best.yaml"
+        header = (f"# Selected by validation {metric} = {selected['reported_valid_score']:.4f} "
+                  f"(trial {selected['trial_id']}, best epoch {selected['best_epoch']}) in {exp_dir}.\n"
+                  f"# Rerun: python run_recbole_fmrl.py --model {job['model']} --dataset {job['dataset']} "
+                  f"--config_files {best_yaml}\n")
+        best_yaml.write_text(header + yaml.safe_dump(selected["config"], sort_keys=False, default_flow_style=False))
+        (exp_dir / "selected.json").write_text(json.dumps(selected, indent=1))
+        lines += ["", f"## Selected: trial {selected['trial_id']}", "",
+                  "Values: " + ", ".join(f"`{k}={selected['config'].get(k)}`" for k in param_cols), "",
+                  f"Configuration: `{best_yaml}`", ""]
+        if "test" in selected:
+            keys = [k for k in selected["test"] if cutoff is None or k.endswith(f"@{cutoff}")] or list(selected["test"])
+            lines += ["Best checkpoint, evaluated once after the search (largest size):", "",
+                      "| split | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys),
+                      "| valid | " + " | ".join(_fmt(selected["valid"][k]) for k in keys) + " |",
+                      "| test | " + " | ".join(_fmt(selected["test"][k]) for k in keys) + " |"]
+            if selected.get("size_results"):
+                lines += ["", f"Per size (one model), {metric}:", "", "| size | params | valid | test |",
+                          "|---|---|---|---|"]
+                for size, r in selected["size_results"].items():
+                    lines.append(f"| {size} | {r['params']:,} | {_fmt(r['valid'][metric])} | {_fmt(r['test'][metric])} |")
+    (exp_dir / "results.md").write_text("\n".join(lines) + "\n")
+    return {"experiment_dir": str(exp_dir), "rows": [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows],
+            "selected": selected, "metric": metric, "mode": mode, "search_seconds": search_seconds,
+            "total_seconds": total_seconds, "results_csv": str(exp_dir / "results.csv"),
+            "results_md": str(exp_dir / "results.md"),
+            "best_yaml": str(exp_dir / "best.yaml") if selected else None}

@@ -1,0 +1,176 @@
+"""Ray glue: the Tune trainable, scheduler, reporter, cluster attachment and the search itself."""
+import json
+import os
+import time
+import warnings
+from pathlib import Path
+
+from recbole_fmrl.environment import forwarded_env
+from recbole_fmrl.tune.report import read_best_weights, result_rows, best_config, write_outputs
+from recbole_fmrl.tune.space import make_config, ray_param_space
+from recbole_fmrl.tune.trial import SCORE, evaluate_checkpoint, ray_device_overrides, train_trial
+
+JOB_FILE = "fmrl_job.json"
+
+def _ray_trial(params, job):
+    """The Tune function trainable: Ray's trial folder, checkpoint, GPUs and CPUs -> ``train_trial``."""
+    from ray.air import session
+    from ray.air.checkpoint import Checkpoint
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    trial_dir = session.get_trial_dir()
+    resume_dir = None
+    checkpoint = session.get_checkpoint()
+    if checkpoint is not None:
+        resume_dir = checkpoint.to_directory(os.path.join(trial_dir, "fmrl", "resume"))
+        # (removed again by train_trial once restored)
+
+    def report(metrics, folder):
+        session.report(metrics, checkpoint=Checkpoint.from_directory(str(folder)) if folder else None)
+
+    threads = session.get_trial_resources().required_resources.get("CPU", 1)
+    train_trial(job, params, trial_dir, report, resume_dir=resume_dir, device=ray_device_overrides(),
+                threads=threads)
+
+
+def _evaluate_task(job, params, best_bytes, out_dir):
+    import tempfile
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    with tempfile.TemporaryDirectory() as tmp:
+        best = Path(tmp) / "best.pth"
+        best.write_bytes(best_bytes)
+        return evaluate_checkpoint(job, params, best, out_dir, device=ray_device_overrides())
+
+
+def _trial_dirname(trial):
+    return f"trial_{trial.trial_id}"  # short: RecBole's file names and Windows-length paths stay sane
+
+
+def make_trainable(job):
+    from ray import tune
+
+    resources = {"cpu": job["resources"]["cpu"], "gpu": job["resources"]["gpu"]}
+    return tune.with_resources(tune.with_parameters(_ray_trial, job=job), resources)
+
+
+def _mode(config):
+    return "max" if config["valid_metric_bigger"] else "min"
+
+
+def _driver_config(job, feature_builder=None):
+    """The search's base configuration in the driver: checks it, names the metric, builds features once."""
+    config = make_config(job["model"], job["dataset"], dict(job["base"], show_progress=False))
+    if feature_builder is not None:
+        feature_builder(config)  # into the cache, where every trial's dataset finds them
+    return config
+
+
+def _scheduler(job, config):
+    if job["scheduler"] != "asha":
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    asha = dict(job["asha"])
+    max_t = asha.pop("max_t", None) or max(1, config["epochs"] // max(1, config["eval_step"]))
+    return ASHAScheduler(time_attr="training_iteration", max_t=int(max_t),
+                         grace_period=min(int(max_t), int(asha.pop("grace_period", 1))),
+                         reduction_factor=float(asha.pop("reduction_factor", 2)), **asha)
+
+
+def _reporter(job, metric, mode, report_every):
+    from ray.tune import CLIReporter
+
+    return CLIReporter(
+        parameter_columns=list(job["space"]),
+        metric_columns={"epoch": "epoch", "valid_score": metric, SCORE: f"best {metric}", "finished": "end"},
+        max_report_frequency=report_every, sort_by_metric=True)  # metric and mode come from TuneConfig
+
+
+def init_ray(address=None, num_cpus=None):
+    """Attach to a cluster (``address``), or start a local Ray; an already running session is reused."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    env = forwarded_env()
+    kwargs = {"runtime_env": {"env_vars": env}} if env and address else {}
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
+    return True
+
+
+def run_search(job, *, address=None, num_cpus=None, resume="auto", retry_errored=False, evaluate_test=True,
+               verbose=1, report_every=30, feature_builder=None):
+    """Run (or resume) a search; write results.csv/.md, best.yaml and selected.json; return a summary dict."""
+    import ray
+    from ray import air, tune
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    exp_dir = Path(job["storage_path"]) / job["name"]
+    started = init_ray(address, num_cpus)
+    try:
+        restorable = exp_dir.is_dir() and tune.Tuner.can_restore(str(exp_dir))
+        if restorable and resume == "no":
+            raise FileExistsError(f"{exp_dir} holds a search; resume it (--resume auto) or pick another --name")
+        if not restorable and resume == "yes":
+            raise FileNotFoundError(f"{exp_dir}: no search to resume")
+        if restorable:
+            job = json.loads((exp_dir / JOB_FILE).read_text())
+            print(f"resuming {exp_dir} (the stored search settings are used)")
+        config = _driver_config(job, feature_builder)
+        metric, mode = config["valid_metric"].lower(), _mode(config)
+        if restorable:
+            tuner = tune.Tuner.restore(str(exp_dir), trainable=make_trainable(job), resume_unfinished=True,
+                                       resume_errored=retry_errored)
+        else:
+            exp_dir.mkdir(parents=True, exist_ok=True)
+            (exp_dir / JOB_FILE).write_text(json.dumps(job, indent=1))
+            tuner = tune.Tuner(
+                make_trainable(job),
+                param_space=ray_param_space(job["space"], job["search"]),
+                tune_config=tune.TuneConfig(
+                    metric=SCORE, mode=mode, num_samples=job["num_samples"], scheduler=_scheduler(job, config),
+                    search_alg=BasicVariantGenerator(random_state=job["search_seed"]),
+                    max_concurrent_trials=job["max_concurrent"], reuse_actors=True,
+                    trial_dirname_creator=_trial_dirname, trial_name_creator=_trial_dirname),
+                run_config=air.RunConfig(
+                    name=job["name"], storage_path=job["storage_path"], verbose=verbose,
+                    failure_config=air.FailureConfig(max_failures=job["max_failures"]),
+                    checkpoint_config=air.CheckpointConfig(num_to_keep=1),
+                    progress_reporter=_reporter(job, metric, mode, report_every)))
+        start = time.perf_counter()
+        previous = os.environ.get("RAY_AIR_NEW_OUTPUT")
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # the classic table: chosen columns, sorted by the metric
+        try:
+            grid = tuner.fit()
+        finally:
+            if previous is None:
+                os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
+            else:
+                os.environ["RAY_AIR_NEW_OUTPUT"] = previous
+        search_seconds = time.perf_counter() - start
+        rows = result_rows(grid, job, metric, mode)
+        unfinished = [r["trial_id"] for r in rows if r["status"] not in ("TERMINATED", "ERROR")]
+        if unfinished:
+            print(f"search interrupted ({len(unfinished)} trials unfinished): rerun the same command to resume {exp_dir}")
+        selected = None
+        best = next((r for r in rows if r["status"] == "TERMINATED" and r.get("_checkpoint")), None)
+        best_bytes = read_best_weights(best["_checkpoint"]) if best is not None and not unfinished else None
+        if best_bytes is not None:
+            selected = {"trial_id": best["trial_id"], "trial_dir": best["trial_dir"], "params": best["_params"],
+                        "best_epoch": best["best_epoch"], "reported_valid_score": best[SCORE],
+                        "valid_metric": metric, "config": best_config(job, best["_params"])}
+            if evaluate_test:
+                task = ray.remote(_evaluate_task).options(num_cpus=job["resources"]["cpu"],
+                                                          num_gpus=job["resources"]["gpu"], max_retries=0)
+                selected.update(ray.get(task.remote(job, best["_params"], best_bytes, str(exp_dir / "selected"))))
+        total_seconds = time.perf_counter() - start
+        summary = write_outputs(exp_dir, job, rows, selected, metric, mode, search_seconds, total_seconds)
+        summary["result_grid"] = grid
+        return summary
+    finally:
+        if started:
+            ray.shutdown()
