@@ -15,6 +15,6 @@ if [ ! -f "$stamp" ]; then
 fi
 if [ "${1:-}" = "test" ]; then
   shift
-  exec .venv/bin/python -m pytest -q "$@" tests
+  exec .venv/bin/python -m pytest -q "$@"  # pytest.ini: testpaths = tests
 fi
 exec .venv/bin/python run_recbole_fmrl.py "$@"

@@ -8,7 +8,7 @@ are printed beside it. Reading: if the features alone rank the next item poorly,
 items only through a linear projection of them (FMRLRec text) starts from a weaker item table than an
 ID embedding learned from the interactions.
 
-    python benchmarks/probe_text_knn.py --data-path /work/data_out --dataset amazon-beauty --modality text
+    python benchmarks/probe_text_knn.py --data-path data --dataset amazon-beauty --modality text
 """
 import argparse
 import math

@@ -10,17 +10,14 @@ The format is detected per line, so a mixed or re-encoded file still reads.
 """
 import ast
 import csv
-import gzip
-import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Tuple
-
-from tqdm.auto import tqdm
+from typing import Optional, Tuple
 
 from dataset_tools import text as text_mod
 from dataset_tools.images import find_image
+from dataset_tools.input_files import iter_lines
 from dataset_tools.report import Report
 from dataset_tools.source import Item, SourceData, clean_text, parse_price
 
@@ -30,23 +27,6 @@ class AmazonOptions:
     reviews: Path  # reviews_<Cat>_5.json.gz, <Cat>_5.json.gz or ratings_<Cat>.csv (plain or .gz)
     meta: Path  # meta_<Cat>.json.gz (2014 or 2018 lines)
     images: Optional[Path] = None  # folder of images named <asin>.<ext> or by the image URL's file name
-
-
-def iter_lines(path: Path, desc: str, progress: bool = True) -> Iterator[Tuple[int, str]]:
-    """(1-based line number, line without newline); the bar counts bytes of the (compressed) file."""
-    size = path.stat().st_size
-    with open(path, "rb") as raw_fh:
-        fh = gzip.GzipFile(fileobj=raw_fh) if path.suffix == ".gz" else raw_fh
-        text = io.TextIOWrapper(fh, encoding="utf-8", errors="replace", newline="")
-        with tqdm(total=size, desc=desc, unit="B", unit_scale=True, disable=not progress) as bar:
-            last = 0
-            for lineno, line in enumerate(text, start=1):
-                if lineno % 2000 == 0:
-                    pos = raw_fh.tell()
-                    bar.update(pos - last)
-                    last = pos
-                yield lineno, line.rstrip("\r\n")
-            bar.update(size - last)
 
 
 def parse_record(line: str):
@@ -98,12 +78,16 @@ def item_from_meta(rec: dict, path: Path, lineno: int, images: Optional[Path]) -
     return item
 
 
+def _same_item(a: Item, b: Item) -> bool:
+    return a.fields == b.fields and a.image == b.image
+
+
 def read_meta(path: Path, wanted: Optional[set], report: Report, images: Optional[Path],
               progress: bool = True) -> dict:
     """Items of ``wanted`` asins (all when None) from a metadata file, in file order."""
     items = {}
     outside = 0
-    for lineno, line in iter_lines(path, f"reading {path.name}", progress):
+    for lineno, line, bad_utf8 in iter_lines(path, f"reading {path.name}", progress):
         if not line.strip():
             continue
         rec = parse_record(line)
@@ -118,38 +102,54 @@ def read_meta(path: Path, wanted: Optional[set], report: Report, images: Optiona
         if wanted is not None and asin not in wanted:
             outside += 1
             continue
+        item = item_from_meta(rec, path, lineno, images)
         if asin in items:
-            report.repair("duplicate metadata row (first kept)", path, lineno, f"asin {asin}")
+            if _same_item(items[asin], item):
+                report.repair("duplicate metadata row (identical, skipped)", path, lineno, f"asin {asin}")
+            else:
+                report.problem("conflicting duplicate metadata row (first kept)", path, lineno,
+                               f"asin {asin}: first at {items[asin].origin}")
             continue
-        items[asin] = item_from_meta(rec, path, lineno, images)
+        if bad_utf8:
+            # Item-level: counted only if someone interacted with the item (see Deferred).
+            item.findings.problem("non-UTF-8 bytes in metadata (replaced by U+FFFD)", path, lineno, bad_utf8)
+        items[asin] = item
     if outside:
         report.note(f"{path.name}: {outside} metadata rows describe items with no interaction")
     return items
 
 
-def read_reviews(path: Path, data: SourceData, report: Report, progress: bool = True):
-    if ".csv" in path.suffixes:
-        for lineno, line in iter_lines(path, f"reading {path.name}", progress):
-            if not line.strip():
-                continue
-            parts = next(csv.reader([line]))
-            if len(parts) != 4:
-                report.problem("malformed rating line", path, lineno, line[:80])
-                continue
-            user, asin, _rating, ts = (p.strip() for p in parts)
-            try:
-                t = float(ts)
-            except ValueError:
-                report.problem("malformed rating line", path, lineno, line[:80])
-                continue
-            if not user or not asin:
-                report.problem("malformed rating line", path, lineno, line[:80])
-                continue
-            data.add(user, asin, t, f"{path}:{lineno}")
-        return
-    for lineno, line in iter_lines(path, f"reading {path.name}", progress):
+def _read_rating_csv(path: Path, data: SourceData, report: Report, progress: bool):
+    for lineno, line, bad_utf8 in iter_lines(path, f"reading {path.name}", progress):
         if not line.strip():
             continue
+        if bad_utf8:
+            report.problem("non-UTF-8 bytes in rating line (replaced by U+FFFD)", path, lineno, bad_utf8)
+        parts = next(csv.reader([line]))
+        if len(parts) != 4:
+            report.problem("malformed rating line", path, lineno, line[:80])
+            continue
+        user, asin, _rating, ts = (p.strip() for p in parts)
+        try:
+            t = float(ts)
+        except ValueError:
+            report.problem("malformed rating line", path, lineno, line[:80])
+            continue
+        if not user or not asin:
+            report.problem("malformed rating line", path, lineno, line[:80])
+            continue
+        data.add(user, asin, t, f"{path}:{lineno}")
+
+
+def read_reviews(path: Path, data: SourceData, report: Report, progress: bool = True):
+    if ".csv" in path.suffixes:
+        _read_rating_csv(path, data, report, progress)
+        return
+    for lineno, line, bad_utf8 in iter_lines(path, f"reading {path.name}", progress):
+        if not line.strip():
+            continue
+        if bad_utf8:
+            report.problem("non-UTF-8 bytes in review line (replaced by U+FFFD)", path, lineno, bad_utf8)
         rec = parse_record(line)
         if rec is None:
             report.problem("malformed review line", path, lineno, line[:80])

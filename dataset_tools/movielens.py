@@ -10,17 +10,18 @@ import csv
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 from dataset_tools import text as text_mod
-from dataset_tools.report import Report
 from dataset_tools.images import find_image
+from dataset_tools.report import Report
 from dataset_tools.source import Item, SourceData, clean_text
 
 # u.genre of 100k, used when the file is missing.
 GENRES_100K = ["unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
                "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery",
                "Romance", "Sci-Fi", "Thriller", "War", "Western"]
+_SURROGATE = re.compile("[\udc80-\udcff]")
 _YEAR = re.compile(r"\s*\((\d{4})\)\s*$")
 _ARTICLE = re.compile(r"^(?P<rest>.+), (?P<art>The|A|An|Les|La|Le|Il|El|Das|Der|Die)(?P<tail> \(.*\))?$")
 
@@ -44,6 +45,29 @@ def split_title(raw: str):
     if m:
         title = f"{m.group('art')} {m.group('rest')}{m.group('tail') or ''}"
     return title, year
+
+
+def _number(text: str) -> Optional[float]:
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if value == value and abs(value) != float("inf") else None
+
+
+def parse_rating(parts) -> Optional[Tuple[str, str, float]]:
+    """(user, movie, timestamp) from ``user, movie, rating, timestamp``; None when malformed.
+
+    Ids are integers; the rating may be written ``5`` or ``5.0`` (it is not used, but must be a
+    number); the timestamp is an integer or a float.
+    """
+    parts = [p.strip() for p in parts]
+    if len(parts) != 4 or not parts[0].isdigit() or not parts[1].isdigit():
+        return None
+    if _number(parts[2]) is None:
+        return None
+    ts = _number(parts[3])
+    return None if ts is None else (parts[0], parts[1], ts)
 
 
 def _title_fields(item: Item, raw_title: str, path, lineno, fallback_year=None):
@@ -75,10 +99,11 @@ def _read_100k(folder: Path, data: SourceData, report: Report):
             parts = line.split("\t")
             if not line.strip():
                 continue
-            if len(parts) != 4 or not all(p.strip().lstrip("-").isdigit() for p in parts):
+            rating = parse_rating(parts)
+            if rating is None:
                 report.problem("malformed rating line", ratings, lineno, line.strip()[:80])
                 continue
-            data.add(parts[0].strip(), parts[1].strip(), float(parts[3]), f"{ratings}:{lineno}")
+            data.add(*rating, f"{ratings}:{lineno}")
     with open(movies, encoding="latin-1") as fh:  # MovieLens files are latin-1, not utf-8
         for lineno, line in enumerate(fh, start=1):
             line = line.rstrip("\r\n")
@@ -109,11 +134,11 @@ def _read_1m(folder: Path, data: SourceData, report: Report):
         for lineno, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
-            parts = line.strip().split("::")
-            if len(parts) != 4 or not all(p.isdigit() for p in parts):
+            rating = parse_rating(line.strip().split("::"))
+            if rating is None:
                 report.problem("malformed rating line", ratings, lineno, line.strip()[:80])
                 continue
-            data.add(parts[0], parts[1], float(parts[3]), f"{ratings}:{lineno}")
+            data.add(*rating, f"{ratings}:{lineno}")
     with open(movies, encoding="latin-1") as fh:
         for lineno, line in enumerate(fh, start=1):
             line = line.rstrip("\r\n")
@@ -136,7 +161,8 @@ def _read_1m(folder: Path, data: SourceData, report: Report):
 
 
 def read_overviews(path: Path, data: SourceData, report: Report):
-    with open(path, encoding="utf-8", errors="replace", newline="") as fh:
+    # surrogateescape keeps invalid bytes visible per row, so they are counted, not silently replaced.
+    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as fh:
         reader = csv.DictReader(fh)
         cols = reader.fieldnames or []
         id_col = next((c for c in ("movie_id", "movieId", "item_id", "id") if c in cols), None)
@@ -152,6 +178,9 @@ def read_overviews(path: Path, data: SourceData, report: Report):
                 report.problem("overview row without movie id", path, lineno)
                 continue
             overview = (rec.get("overview") or "").strip()
+            if _SURROGATE.search(overview):
+                report.problem("non-UTF-8 bytes in overview (replaced by U+FFFD)", path, lineno, f"movie {mid}")
+                overview = _SURROGATE.sub("\ufffd", overview)
             if mid in seen:
                 if overview == seen[mid]:
                     report.repair("duplicate overview row (identical, skipped)", path, lineno, f"movie {mid}")

@@ -1,10 +1,11 @@
 """The P5/VIP5 layout that fMRLRec reads.
 
-``sequential_data.txt``: one line per user, ``user item item ...`` with P5's 1-based numeric ids,
-items in chronological order (no timestamps: the position is the time). ``datamaps.json``:
-``id2user``/``id2item`` (numeric id -> reviewer id / asin). ``meta.json.gz``: Amazon 2014
-metadata lines. Optional ``item2img_dict.pkl`` (asin -> image path; only the file name is used,
-as VIP5 does) with a photos folder.
+``sequential_data.txt`` (``sequential.txt`` in RDRec's copy): one line per user,
+``user item item ...`` with P5's 1-based numeric ids, items in chronological order (no timestamps:
+the position is the time). ``datamaps.json``: ``id2user``/``id2item`` (numeric id -> reviewer id /
+asin). ``meta.json.gz``: Amazon 2014 metadata lines (optional when no text is wanted: the dataset is
+then ID-only). Optional ``item2img_dict.pkl`` (asin -> image path; only the file name is used, as
+VIP5 does) with a photos folder.
 Tokens written to RecBole are the original reviewer ids and asins, so the same item has the same
 token whether it came from P5 files or from the raw dump.
 """
@@ -15,10 +16,11 @@ from pathlib import Path
 from typing import Dict, Optional
 
 from dataset_tools import text as text_mod
-from dataset_tools.amazon import iter_lines, read_meta
+from dataset_tools.amazon import read_meta
 from dataset_tools.images import find_image
-from dataset_tools.report import Report
-from dataset_tools.source import SourceData
+from dataset_tools.input_files import iter_lines
+from dataset_tools.report import InputFileError, Report
+from dataset_tools.source import Item, SourceData
 
 
 @dataclass
@@ -26,6 +28,7 @@ class P5Options:
     input: Path  # folder with sequential_data.txt, datamaps.json, meta.json.gz
     images: Optional[Path] = None  # photos folder; item2img_dict.pkl (if present) names each item's file
     raw_ids: bool = True  # tokens are reviewer ids / asins from datamaps.json; False: P5's numeric ids
+    require_meta: bool = True  # False: without meta.json.gz the dataset is ID-only (no item text)
 
 
 class _DictOfStrings(pickle.Unpickler):
@@ -39,50 +42,64 @@ def read_item2img(path: Path) -> Dict[str, str]:
     with open(path, "rb") as fh:
         try:
             obj = _DictOfStrings(fh).load()
-        except (pickle.UnpicklingError, EOFError, ValueError) as err:
-            raise ValueError(f"{path}: not a plain pickled dict ({err})") from err
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError,
+                AttributeError, MemoryError) as err:
+            raise InputFileError(f"{path}: not a plain pickled dict ({err})") from None
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: expected a dict asin -> image path, got {type(obj).__name__}")
     return {str(k): str(v) for k, v in obj.items()}
 
 
-def read_p5(options: P5Options, report: Report, progress: bool = True) -> SourceData:
-    folder = Path(options.input)
-    seq_path, maps_path, meta_path = folder / "sequential_data.txt", folder / "datamaps.json", folder / "meta.json.gz"
-    if not meta_path.is_file() and (folder / "meta.json").is_file():
-        meta_path = folder / "meta.json"
-    for p in (seq_path, maps_path, meta_path):
-        if not p.is_file():
-            raise FileNotFoundError(f"{p}: not found (P5 layout needs sequential_data.txt, datamaps.json, "
-                                    f"meta.json.gz)")
-    images = Path(options.images) if options.images else None
-    if images is not None and not images.is_dir():
-        raise FileNotFoundError(f"{images}: image folder not found")
+SEQUENCE_FILES = ("sequential_data.txt", "sequential.txt")  # P5/VIP5, RDRec (same format)
+
+
+def find_layout(folder: Path, require_meta: bool):
+    """(sequence file, datamaps.json, metadata file or None); one-line errors for a wrong layout."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: P5 input folder not found")
+    seq = next((folder / n for n in SEQUENCE_FILES if (folder / n).is_file()), None)
+    if seq is None:
+        raise FileNotFoundError(f"{folder}: no sequential_data.txt (P5/VIP5) or sequential.txt (RDRec) "
+                                f"in the P5 layout")
+    maps = folder / "datamaps.json"
+    if not maps.is_file():
+        raise FileNotFoundError(f"{maps}: not found (the P5 layout needs it to map ids to users and items)")
+    meta = next((folder / n for n in ("meta.json.gz", "meta.json") if (folder / n).is_file()), None)
+    if meta is None and require_meta:
+        raise FileNotFoundError(f"{folder / 'meta.json.gz'}: not found; item text needs it (pass "
+                                f"--text-encoder none for an ID-only dataset)")
+    return seq, maps, meta
+
+
+def read_maps(maps_path: Path, raw_ids: bool):
+    """(id2item, id2user) from datamaps.json, as strings."""
     try:
         maps = json.loads(maps_path.read_text(encoding="utf-8"))
         id2item = {str(k): str(v) for k, v in maps["id2item"].items()}
         id2user = {str(k): str(v) for k, v in maps.get("id2user", {}).items()}
-    except (ValueError, KeyError, AttributeError) as err:
-        raise ValueError(f"{maps_path}: not a P5 datamaps file with id2item ({err})") from err
-    if options.raw_ids and not id2user:
-        raise ValueError(f"{maps_path}: no id2user map; use raw_ids=False (--p5-numeric-ids)")
+    except (ValueError, KeyError, AttributeError, TypeError) as err:
+        raise InputFileError(f"{maps_path}: not a P5 datamaps file with id2item ({err})") from None
+    if raw_ids and not id2user:
+        raise InputFileError(f"{maps_path}: no id2user map; use raw_ids=False (--p5-numeric-ids)")
+    return id2item, id2user
 
-    inputs = [seq_path, maps_path, meta_path]
-    data = SourceData(kind="p5", input_files=inputs, default_fields=list(text_mod.AMAZON_FIELDS),
-                      has_images=images is not None)
+
+def read_sequences(seq_path: Path, id2item, id2user, raw_ids: bool, data: SourceData, report: Report,
+                   progress: bool):
+    """One user per line; the position in the line is the time."""
     seen_users = set()
-    for lineno, line in iter_lines(seq_path, f"reading {seq_path.name}", progress):
+    for lineno, line, bad_utf8 in iter_lines(seq_path, f"reading {seq_path.name}", progress):
         parts = line.split()
         if not parts:
             continue
-        if len(parts) < 2 or not all(p.isdigit() for p in parts):
-            report.problem("malformed sequence line", seq_path, lineno, line[:80])
+        if bad_utf8 or len(parts) < 2 or not all(p.isdigit() for p in parts):
+            report.problem("malformed sequence line", seq_path, lineno, bad_utf8 or line[:80])
             continue
         uid = parts[0]
-        if options.raw_ids and uid not in id2user:
+        if raw_ids and uid not in id2user:
             report.problem("user id missing from datamaps", seq_path, lineno, f"user {uid}")
             continue
-        user = id2user[uid] if options.raw_ids else uid
+        user = id2user[uid] if raw_ids else uid
         if user in seen_users:
             report.problem("user listed twice (later line skipped)", seq_path, lineno, f"user {uid}")
             continue
@@ -93,18 +110,24 @@ def read_p5(options: P5Options, report: Report, progress: bool = True) -> Source
             if iid not in id2item:
                 report.problem("item id missing from datamaps", seq_path, lineno, f"item {iid}")
                 continue
-            data.add(user, id2item[iid] if options.raw_ids else iid, float(position), where)
+            data.add(user, id2item[iid] if raw_ids else iid, float(position), where)
             position += 1
 
+
+def _p5_order(id2item):
+    return sorted(id2item, key=lambda k: (len(k), k) if k.isdigit() else (1 << 30, k))
+
+
+def attach_items(options: P5Options, id2item, by_asin, maps_path: Path, data: SourceData):
+    """Item records in P5 id order (row r of the features is P5 item r+1, as the reference assumes)."""
+    folder, images = Path(options.input), Path(options.images) if options.images else None
     img_map, img_path = {}, folder / "item2img_dict.pkl"
     if images is not None and img_path.is_file():
         img_map = read_item2img(img_path)
-        inputs.append(img_path)
-    by_asin = read_meta(meta_path, set(id2item.values()), report, None, progress)
-    # Items in P5 id order, so row r of the features is P5 item r+1 (as the reference assumes).
-    for iid in sorted(id2item, key=lambda k: (len(k), k) if k.isdigit() else (1 << 30, k)):
+        data.input_files.append(img_path)
+    for iid in _p5_order(id2item):
         asin = id2item[iid]
-        item = by_asin.get(asin)
+        item = by_asin.get(asin) if by_asin is not None else Item(origin=f"{maps_path}")
         if item is None:
             continue
         if images is not None:
@@ -112,7 +135,26 @@ def read_p5(options: P5Options, report: Report, progress: bool = True) -> Source
             item.image = find_image(images, stems + [asin]) or images / (stems[0] if stems else f"{asin}.jpg")
             item.image_origin = f"{img_path}" if asin in img_map else item.origin
         data.item_info[asin if options.raw_ids else iid] = item
-    data.details = {"layout": "P5/VIP5", "images": str(images) if images else None,
+
+
+def read_p5(options: P5Options, report: Report, progress: bool = True) -> SourceData:
+    folder = Path(options.input)
+    seq_path, maps_path, meta_path = find_layout(folder, options.require_meta)
+    images = Path(options.images) if options.images else None
+    if images is not None and not images.is_dir():
+        raise FileNotFoundError(f"{images}: image folder not found")
+    id2item, id2user = read_maps(maps_path, options.raw_ids)
+    data = SourceData(kind="p5", input_files=[seq_path, maps_path] + ([meta_path] if meta_path else []),
+                      default_fields=list(text_mod.AMAZON_FIELDS), has_images=images is not None,
+                      has_text=meta_path is not None)
+    read_sequences(seq_path, id2item, id2user, options.raw_ids, data, report, progress)
+    by_asin = read_meta(meta_path, set(id2item.values()), report, None, progress) if meta_path else None
+    if meta_path is None:
+        report.note(f"{folder}: no meta.json.gz, an ID-only dataset (no item text)")
+    attach_items(options, id2item, by_asin, maps_path, data)
+    data.details = {"layout": "P5/VIP5" if seq_path.name == SEQUENCE_FILES[0] else "RDRec (sequential.txt)",
+                    "images": str(images) if images else None,
+                    "meta": str(meta_path) if meta_path else None,
                     "ids": "reviewer ids and asins from datamaps.json" if options.raw_ids else "P5 numeric ids",
-                    "timestamps": "position in sequential_data.txt (no timestamps in the P5 files)"}
+                    "timestamps": f"position in {seq_path.name} (no timestamps in the P5 files)"}
     return data

@@ -19,6 +19,13 @@ class BadInputError(ValueError):
     """Raised in strict mode for the first problem; the message names file and line."""
 
 
+class InputFileError(ValueError):
+    """An input file cannot be read at all (truncated or not-gzip ``.gz``, missing layout file).
+
+    The message is one line naming the file and the line or byte offset where reading stopped.
+    """
+
+
 def where(path, line: Optional[int] = None) -> str:
     """``file:line`` (or just ``file``) as shown in examples and errors."""
     return f"{path}:{line}" if line is not None else str(path)
@@ -78,6 +85,12 @@ class Report:
                         for k, r in self.reasons.items() if r.kind == "repair"},
             "notes": list(self.notes),
         }
+
+    def one_line(self) -> str:
+        """Per-reason counts with the first example each, on one line (for an abort message)."""
+        parts = [f"{r.count} x {reason} (e.g. {r.examples[0]})" if r.examples else f"{r.count} x {reason}"
+                 for reason, r in self.reasons.items() if r.kind == "problem"]
+        return "; ".join(parts) if parts else "no input line was skipped"
 
     def format(self) -> str:
         """Human-readable summary printed at the end of a conversion."""

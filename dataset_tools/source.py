@@ -34,6 +34,7 @@ class SourceData:
     item_info: Dict[str, Item] = field(default_factory=dict)  # item token -> record, source order
     default_fields: List[str] = field(default_factory=list)  # template fields used unless overridden
     has_images: bool = False  # an image folder was given: the missing-image policy applies
+    has_text: bool = True  # False: the source has no item text at all (P5 without meta): ID-only
     details: dict = field(default_factory=dict)  # format-specific facts for meta.json
 
     def add(self, user: str, item: str, time: float, origin: str):

@@ -29,6 +29,7 @@ def read_inter(folder, name):
 
 def convert(source, tmp_path, name="ds", report=None, **kw):
     report = report or Report()
+    kw.setdefault("missing_text", "drop")  # these tests pin the drop policy; without an encoder the default is keep
     opts = pipeline.ConvertOptions(output=tmp_path, name=name, progress=False, **kw)
     return pipeline.convert(source, opts, report), report
 
@@ -142,7 +143,7 @@ def test_p5_convert_atomic_files(tmp_path):
     assert sorted((u, i) for u, i, _ in inter) == sorted(brute_force_kcore(set(pre), 2))
     # Each user's rows are in time order; P5 positions survive as timestamps.
     by_user = {}
-    for u, i, t in inter:
+    for u, _i, t in inter:
         by_user.setdefault(u, []).append(float(t))
     assert all(ts == sorted(ts) for ts in by_user.values())
     # HTML entities unescaped; a quote in a title survives RecBole's CSV quoting.
@@ -153,8 +154,9 @@ def test_p5_convert_atomic_files(tmp_path):
 
 
 def test_p5_numeric_ids_and_images(tmp_path):
-    from PIL import Image
     import pickle
+
+    from PIL import Image
     inp = tmp_path / "p5"
     shutil.copytree(FIX / "p5", inp)
     photos = tmp_path / "photos"
@@ -236,7 +238,8 @@ def test_amazon_2018_fields():
     assert info["B18ITEM5"].fields["price"] == "1299.0"
     assert "price" not in info["B18ITEM3"].fields and "categories" not in info["B18ITEM3"].fields
     assert "brand" not in info["B18ITEM4"].fields
-    assert report.to_dict()["repairs"]["duplicate metadata row (first kept)"]["count"] == 1
+    # Row 6 repeats B18ITEM1 with other values: a conflict is a problem (the first row is kept).
+    assert report.to_dict()["problems"]["conflicting duplicate metadata row (first kept)"]["count"] == 1
     sink = Report()
     info["B18ITEM3"].findings.replay(sink)
     assert sink.to_dict()["problems"]["unparseable price"]["count"] == 1
@@ -341,19 +344,19 @@ def test_interrupted_write_leaves_no_valid_looking_output(tmp_path, monkeypatch)
     convert(src, tmp_path, name="i", kcore=2)
     pipeline.verify_dataset(tmp_path / "i", "i")
     # Second run with other options dies half-way through writing the .item file.
-    from recbole_fmrl import atomic_io
+    from recbole_fmrl import atomic_write
     calls = {"n": 0}
-    real_write_text = atomic_io.write_text
+    real_write_text = atomic_write.write_text
 
     def write_text(target, text):
         calls["n"] += 1
         if calls["n"] == 2:  # the .item file
-            with atomic_io.atomic_path(target) as tmp:
+            with atomic_write.atomic_path(target) as tmp:
                 Path(tmp).write_text(text[: len(text) // 2])
                 raise KeyboardInterrupt
         return real_write_text(target, text)
 
-    monkeypatch.setattr(atomic_io, "write_text", write_text)
+    monkeypatch.setattr(atomic_write, "write_text", write_text)
     src = p5.read_p5(p5.P5Options(FIX / "p5"), Report(), progress=False)
     with pytest.raises(KeyboardInterrupt):
         convert(src, tmp_path, name="i", kcore=1)
@@ -364,7 +367,7 @@ def test_interrupted_write_leaves_no_valid_looking_output(tmp_path, monkeypatch)
     assert not [p for p in folder.iterdir() if p.name.endswith(".tmp")]
     # The old .item is intact (the half-written one never replaced it).
     assert (folder / "i.item").read_text().count("\n") > 5
-    monkeypatch.setattr(atomic_io, "write_text", real_write_text)
+    monkeypatch.setattr(atomic_write, "write_text", real_write_text)
     convert(p5.read_p5(p5.P5Options(FIX / "p5"), Report(), progress=False), tmp_path, name="i", kcore=1)
     pipeline.verify_dataset(folder, "i")
 

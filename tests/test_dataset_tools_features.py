@@ -16,15 +16,15 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from recbole_fmrl.data import features  # noqa: E402
-
 from dataset_tools import encoders, movielens, p5, pipeline  # noqa: E402
-from dataset_tools.atomic import build_text_features, read_item_file  # noqa: E402
 from dataset_tools.cli import main as cli_main  # noqa: E402
 from dataset_tools.encoders import ImageEncoderOptions, TextEncoder, TextEncoderOptions  # noqa: E402
 from dataset_tools.images import open_rgb  # noqa: E402
+from dataset_tools.item_features import build_text_features  # noqa: E402
+from dataset_tools.recbole_files import read_item_file  # noqa: E402
 from dataset_tools.report import Report  # noqa: E402
 from dataset_tools.text import item_text  # noqa: E402
+from recbole_fmrl.data import features  # noqa: E402
 
 FIX = Path(__file__).resolve().parent / "fixtures" / "dataset_tools"
 _spec = importlib.util.spec_from_file_location("dt_tiny_models", FIX / "tiny_models.py")
@@ -90,7 +90,7 @@ def test_minilm_offline_default():
 
 
 def test_unreachable_hub_encoders_fail_clearly():
-    with pytest.raises(encoders.EncoderError, match="local checkpoint directory or 'minilm'"):
+    with pytest.raises(encoders.EncoderError, match="local checkpoint directory, 'minilm' or 'mpnet'"):
         TextEncoder(TextEncoderOptions(name="BAAI/bge-large-en-v1.5", device="cpu"))
     with pytest.raises(encoders.EncoderError, match="not an open_clip pretrained tag"):
         encoders.ImageEncoder(ImageEncoderOptions(model="ViT-B-32", checkpoint="/no/such/file.pt"))
@@ -169,8 +169,8 @@ def test_movielens_posters_drop_policy_and_reuse(ml_with_posters, clip, bert, tm
     def boom(*a, **k):
         raise AssertionError("encoder constructed on a rerun with unchanged inputs")
 
-    monkeypatch.setattr("dataset_tools.features_stage.TextEncoder", boom)
-    monkeypatch.setattr("dataset_tools.features_stage.ImageEncoder", boom)
+    monkeypatch.setattr("dataset_tools.encode_features.TextEncoder", boom)
+    monkeypatch.setattr("dataset_tools.encode_features.ImageEncoder", boom)
     stamp = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "d").iterdir() if p.name != "meta.json"}
     src = movielens.read_movielens(movielens.MovieLensOptions(inp), Report())
     meta2 = pipeline.convert(src, opts, Report())
@@ -232,7 +232,7 @@ def test_build_text_features_for_bundled_ml100k(tmp_path, bert):
     assert table.item_ids == items.tokens and table.array.shape == (1682, 16) and entry["rows"] == 1682
     assert entry["fields"] == ["movie_title", "release_year", "class"]
     # The template of row 0 (Toy Story).
-    from dataset_tools.atomic import atomic_item_texts
+    from dataset_tools.item_features import atomic_item_texts
     text = atomic_item_texts(items, entry["fields"])[0]
     assert text == "Title: Toy Story\nYear: 1995\nGenres: Animation, Children's, Comedy"
     again = build_text_features(bundled, "ml-100k", encoder=str(bert), output_dir=tmp_path, progress=False)
@@ -258,3 +258,52 @@ def test_converted_dataset_loads_in_recbole(tmp_path):
     toner = list(ds.field2id_token["item_id"]).index("B000000010")
     words = [ds.field2id_token["title"][t] for t in ds.item_feat["title"][toner].tolist() if t]
     assert words == ['Toner', '"Fresh"', '200ml']
+
+
+def test_features_step_and_first_use_hook(tmp_path, bert):
+    from dataset_tools import build_missing_item_features
+
+    item_text = "item_id:token\ttitle:token_seq\tgenre:token_seq\n1\tRed hat\tHats Outdoor\n2\tBlue shoe\tShoes\n"
+    data = tmp_path / "data"
+    (data / "shop").mkdir(parents=True)
+    (data / "shop" / "shop.item").write_text(item_text)
+    # The explicit step writes the tables beside the .item file (or into --output).
+    assert cli_main(["features", "--data-path", str(data), "--dataset", "shop", "--encoder", str(bert),
+                     "--fields", "title,genre", "--no-progress", "--quiet"]) == 0
+    table = features.read_modality(data / "shop", "shop", "text")
+    assert table.item_ids == ["1", "2"] and table.array.shape == (2, 16) and table.meta["fields"] == ["title", "genre"]
+    direct = TextEncoder(TextEncoderOptions(name=str(bert), device="cpu")).encode(
+        ["Title: Red hat\nGenre: Hats, Outdoor"], progress=False)
+    assert np.allclose(direct[0], table.array[0], atol=1e-5)
+
+    config = {"model": "FMRLRec", "dataset": "shop", "data_path": str(data / "shop"), "fmrl_modality": "auto",
+              "fmrl_feature_path": None, "fmrl_cache_dir": str(tmp_path / "cache"), "fmrl_build_text_features": True,
+              "fmrl_text_encoder": str(bert), "fmrl_text_fields": ["title", "genre"], "show_progress": False}
+    # Features in the dataset folder: used as they are.
+    build_missing_item_features(config)
+    assert config["fmrl_feature_path"] == str(data / "shop") and not (tmp_path / "cache").exists()
+    # A dataset with only a .item file: built into the cache, the dataset folder untouched.
+    (data / "bare").mkdir()
+    (data / "bare" / "bare.item").write_text(item_text)
+    bare = dict(config, dataset="bare", data_path=str(data / "bare"), fmrl_feature_path=None)
+    build_missing_item_features(bare)
+    cache = tmp_path / "cache" / "features" / "bare"
+    assert bare["fmrl_feature_path"] == str(cache)
+    assert np.array_equal(features.read_modality(cache, "bare", "text").array, table.array)
+    assert [p.name for p in (data / "bare").iterdir()] == ["bare.item"]
+    # A model that is not the plugin's (RecBole's Config carries model_class): nothing to do.
+    class SASRec:
+        __module__ = "recbole.model.sequential_recommender.sasrec"
+
+    class RecBoleLikeConfig(dict):
+        model_class = SASRec
+
+    baseline = RecBoleLikeConfig(bare, fmrl_feature_path=None, dataset="bare2")
+    build_missing_item_features(baseline)
+    assert baseline["fmrl_feature_path"] is None and not (tmp_path / "cache" / "features" / "bare2").exists()
+    # ID-only or an explicit feature path: nothing to do.
+    for override in ({"fmrl_modality": "id"}, {"fmrl_feature_path": "/somewhere"}):
+        cfg = dict(bare, fmrl_feature_path=None)
+        cfg.update(override)
+        build_missing_item_features(cfg)
+        assert cfg["fmrl_feature_path"] == override.get("fmrl_feature_path")

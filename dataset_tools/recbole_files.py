@@ -1,4 +1,4 @@
-"""RecBole atomic files (``.inter``, ``.item``) and text features for an existing atomic dataset.
+"""RecBole atomic files (``.inter``, ``.item``, ``.item_ids``): writing them, and reading an existing ``.item``.
 
 RecBole 1.2.1 reads atomic files with ``pandas.read_csv(sep="\\t", engine="python")`` and the
 default quote character, splits ``token_seq`` fields on spaces and keeps ``token`` fields whole.
@@ -8,17 +8,12 @@ contain a double quote; list fields become ``token_seq`` with spaces inside an e
 """
 import csv
 import io
-import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Sequence
 
-from recbole_fmrl import atomic_io
+from recbole_fmrl import atomic_write
 from recbole_fmrl.data import features
-
-from dataset_tools import text as text_mod
-
-log = logging.getLogger(__name__)
 
 INTER_HEADER = ["user_id:token", "item_id:token", "timestamp:float"]
 
@@ -85,7 +80,7 @@ def write_if_changed(path: Path, content: str) -> bool:
                 return False
         except UnicodeDecodeError:
             pass
-    atomic_io.write_text(path, content)
+    atomic_write.write_text(path, content)
     return True
 
 
@@ -139,57 +134,6 @@ def read_item_file(path, encoding: str = "utf-8") -> AtomicItems:
             for n in fields:
                 fields[n].append(rec[n])
     return AtomicItems(path, tokens, fields, types)
-
-
-def atomic_item_texts(items: AtomicItems, field_names: List[str]) -> List[str]:
-    """Template text per row; ``token_seq`` cells are space-separated lists ("_" back to spaces)."""
-    missing = [f for f in field_names if f not in items.fields]
-    if missing:
-        raise AtomicFileError(f"{items.path}: no field(s) {missing}; has {sorted(items.fields)}")
-    texts = []
-    for r in range(len(items.tokens)):
-        values = {}
-        for f in field_names:
-            cell = items.fields[f][r].strip()
-            if not cell:
-                continue
-            if items.types[f] == "token_seq" and f not in ("title", "movie_title", "overview", "description"):
-                values[f] = [t.replace("_", " ") for t in cell.split()]
-            elif items.types[f] == "float" and cell.endswith(".0") and f in ("release_year", "year"):
-                values[f] = cell[:-2]
-            else:
-                values[f] = cell
-        texts.append(text_mod.item_text(values, field_names) or text_mod.PLACEHOLDER)
-    return texts
-
-
-def build_text_features(dataset_dir, name: str, fields: Optional[List[str]] = None,
-                        encoder: str = "minilm", batch_size: int = 32, device: str = "auto",
-                        output_dir=None, progress: bool = True) -> dict:
-    """Build ``<name>.text.npy`` for an existing RecBole dataset from its ``<name>.item`` file.
-
-    ``dataset_dir/<name>.item`` is read (never modified); ``fields`` are the ``.item`` columns put
-    into the "Label: value" template, in order (default: every column except item_id, e.g. for
-    RecBole's bundled ml-100k ``movie_title, release_year, class`` -> "Title: ...\\nYear: ...\\n
-    Genres: ..."). Features go to ``output_dir`` (default ``dataset_dir``) through
-    ``recbole_fmrl.data.features``; a rerun with the same item list, texts and encoder returns at
-    once. Returns the manifest entry of the text modality.
-    """
-    from dataset_tools.features_stage import ensure_text_features
-    from dataset_tools.encoders import TextEncoderOptions
-
-    dataset_dir = Path(dataset_dir)
-    out = Path(output_dir) if output_dir else dataset_dir
-    item_path = dataset_dir / f"{name}.item"
-    if not item_path.is_file():
-        raise FileNotFoundError(f"{item_path}: no .item file to build text from")
-    items = read_item_file(item_path)
-    field_names = list(fields) if fields else list(items.fields)
-    texts = atomic_item_texts(items, field_names)
-    ensure_item_ids(out, name, items.tokens)
-    return ensure_text_features(
-        out, name, texts, TextEncoderOptions(name=encoder, batch_size=batch_size, device=device),
-        extra={"source": str(item_path), "fields": field_names}, progress=progress)
 
 
 def ensure_item_ids(folder, name: str, tokens: Sequence[str]) -> str:
