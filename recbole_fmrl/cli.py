@@ -15,6 +15,7 @@ import warnings
 from typing import Optional
 
 from recbole_fmrl.environment import set_offline_defaults
+from recbole_fmrl.errors import InputError
 from recbole_fmrl.paths import properties_dir
 
 SUBCOMMANDS = ("train", "tune", "export", "recommend")
@@ -39,6 +40,15 @@ def train_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dataset", "-d", default=None,
                         help="dataset name, a folder under data_path (default: RecBole's bundled ml-100k)")
     parser.add_argument("--config_files", nargs="*", default=None, help="YAML files, later ones win")
+    parser.add_argument("--resume", default=None, metavar="RUN_DIR_OR_CHECKPOINT",
+                        help="continue a killed run from its last checkpoint (the run's fmrl_output_dir, its saved/ "
+                             "folder or a *.last.pth file); give the same model, dataset and settings as before")
+    # RecBole's run_recbole.py launch flags (also accepted as keys: world_size=, ip=, port=, offset=)
+    parser.add_argument("--nproc", type=int, default=None, help="training processes on this machine (torch.distributed)")
+    parser.add_argument("--world_size", type=int, default=None, help="processes on all machines (default: --nproc)")
+    parser.add_argument("--ip", default=None, help="several machines: address of the machine running rank 0")
+    parser.add_argument("--port", type=int, default=None, help="several machines: a free TCP port on that machine")
+    parser.add_argument("--group_offset", type=int, default=None, help="processes on the machines before this one")
     return parser
 
 
@@ -50,10 +60,16 @@ def train_main(argv, feature_builder=None):
     rest += [f for f in args.config_files or [] if f not in files]
     if not files and args.model is None and args.dataset is None:
         files = [str(properties_dir() / "job" / "default.yaml")]
+    from recbole_fmrl.train import distributed
     from recbole_fmrl.train.driver import run
 
-    return run(model=args.model, dataset=args.dataset, config_file_list=files or None,
-               config_dict=parse_overrides(rest), feature_builder=feature_builder)
+    overrides = parse_overrides(rest)
+    settings = distributed.settings_from(args, overrides)  # None: one process
+    kwargs = dict(model=args.model, dataset=args.dataset, config_file_list=files or None,
+                  feature_builder=feature_builder, resume=args.resume)
+    if settings is not None:
+        return distributed.launch(run, settings, overrides, **kwargs)
+    return run(config_dict=overrides, **kwargs)
 
 
 def dispatch(argv, feature_builder=None):
@@ -84,6 +100,11 @@ def main(argv: Optional[list] = None, feature_builder=None):
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"recbole\.")
     try:
         return dispatch(argv, feature_builder)
+    except InputError as err:  # validated input: the message is the one line to show
+        if debug:
+            raise
+        print(f"error: {str(err).strip() or type(err).__name__} (--debug shows the traceback)", file=sys.stderr)
+        raise SystemExit(InputError.exit_code) from None
     except (ValueError, FileNotFoundError, KeyError, RuntimeError) as err:
         if debug:
             raise

@@ -29,7 +29,9 @@ class FMRLDataset(SequentialDataset):
         self.target_list_field = self.iid_field + "_target" + config["LIST_SUFFIX"]
         self.feature_dir = feature_files.locate(config)
         found = feature_files.available_modalities(self.feature_dir, self.dataset_name)
-        self.fmrl_modality = resolve_modality(config["fmrl_modality"], found, str(self.feature_dir))
+        self.fmrl_modality = resolve_modality(config["fmrl_modality"], found, str(self.feature_dir),
+                                              Path(self.dataset_path) / f"{self.dataset_name}.item",
+                                              config["fmrl_text_fields"])
         self._feature_cache = {}
 
     def item_features(self, parts, norm="none"):
@@ -43,6 +45,7 @@ class FMRLDataset(SequentialDataset):
                 table = feature_files.read_modality(self.feature_dir, self.dataset_name, modality)
                 source = feature_files.paths(self.feature_dir, self.dataset_name)[modality]
                 aligned, mask = feature_files.align(table, self.field2id_token[self.iid_field], source=source)
+                check_informative(aligned, mask, source)
                 normed = feature_files.normalize(aligned, mask, norm)
                 self._feature_cache[modality, norm] = torch.from_numpy(normed)
             tables.append(self._feature_cache[modality, norm])
@@ -88,3 +91,44 @@ class FMRLDataset(SequentialDataset):
         })
         self.logger.info(f"all_positions objective: {len(feat)} prefix samples -> {n} training windows")
         return train.copy(windows)
+
+
+# A feature table is refused when more than this share of the items' rows equal one row, or when its
+# total variance is below TINY_VARIANCE x its mean squared row norm: the items would be indistinguishable.
+MAX_SHARED_ROW = 0.5
+TINY_VARIANCE = 1e-8
+
+
+def check_informative(aligned, mask, source, block_rows=4096):
+    """Refuse (naming ``source``) a table with NaN/Inf, or whose item rows are (near-)identical.
+
+    One pass in blocks of rows: an exact 64-bit fingerprint of each row's bytes (equal rows, equal
+    keys) counts the most shared row; 8 random projections of the rows' offsets from the first row
+    estimate the total variance (E[r^T C r] = trace C for Gaussian r) without a float64 copy of the table.
+    """
+    idx = np.flatnonzero(mask)
+    if len(idx) < 2:
+        return
+    rng = np.random.default_rng(0)
+    weights = rng.integers(1, 2 ** 63, size=aligned.shape[1], dtype=np.uint64) | np.uint64(1)
+    directions = rng.standard_normal((aligned.shape[1], 8))
+    ref = aligned[idx[0]].astype(np.float64)
+    keys, proj = np.empty(len(idx), np.uint64), np.empty((len(idx), 8))
+    bad, squares = 0, 0.0
+    for start in range(0, len(idx), block_rows):
+        block = np.ascontiguousarray(aligned[idx[start: start + block_rows]], dtype=np.float32)
+        bad += int((~np.isfinite(block).all(axis=1)).sum())
+        keys[start: start + len(block)] = (block.view(np.uint32).astype(np.uint64) * weights).sum(axis=1)
+        wide = block.astype(np.float64)
+        squares += float(np.einsum("ij,ij->", wide, wide))
+        proj[start: start + len(block)] = (wide - ref) @ directions
+    if bad:
+        raise feature_files.FeatureFileError(
+            f"{source}: {bad} of {len(idx)} item rows hold NaN or Inf; rebuild the features")
+    shared = int(np.unique(keys, return_counts=True)[1].max())
+    variance = float(proj.var(axis=0).mean())
+    if shared > MAX_SHARED_ROW * len(idx) or variance <= TINY_VARIANCE * max(squares / len(idx), 1e-30):
+        raise feature_files.FeatureFileError(
+            f"{source}: the items' feature rows are (near-)identical ({shared} of {len(idx)} rows equal one row, "
+            f"total variance {variance:.3g}): they cannot tell items apart; rebuild the features from text that "
+            f"differs per item, or set fmrl_modality=id")

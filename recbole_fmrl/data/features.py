@@ -20,12 +20,13 @@ from typing import Optional
 import numpy as np
 
 from recbole_fmrl import atomic_write
+from recbole_fmrl.errors import InputError
 
 FORMAT_VERSION = 1
 MODALITIES = ("text", "image")
 
 
-class FeatureFileError(ValueError):
+class FeatureFileError(InputError):
     """A feature file is missing, malformed or built for another item set."""
 
 
@@ -38,7 +39,7 @@ class FeatureTable:
     meta: dict  # the modality's entry of <name>.features.json
 
 
-def paths(folder, name):
+def paths(folder, name: str) -> dict:
     folder = Path(folder)
     return {
         "item_ids": folder / f"{name}.item_ids",
@@ -48,7 +49,7 @@ def paths(folder, name):
     }
 
 
-def sha256_file(path):
+def sha256_file(path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -56,7 +57,7 @@ def sha256_file(path):
     return digest.hexdigest()
 
 
-def write_item_ids(folder, name, tokens):
+def write_item_ids(folder, name: str, tokens) -> str:
     """Write ``<name>.item_ids`` atomically and return its sha256."""
     tokens = [str(t) for t in tokens]
     bad = [t for t in tokens if not t or "\n" in t or t != t.strip()]
@@ -69,7 +70,7 @@ def write_item_ids(folder, name, tokens):
     return sha256_file(target)
 
 
-def read_manifest(folder, name):
+def read_manifest(folder, name: str) -> dict:
     p = paths(folder, name)["json"]
     if not p.exists():
         return {"format_version": FORMAT_VERSION, "modalities": {}}
@@ -117,7 +118,7 @@ def write_modality(folder, name, modality, array, encoder, normalized, mask=None
     return manifest["modalities"][modality]
 
 
-def available_modalities(folder, name):
+def available_modalities(folder, name: str) -> list:
     """Modalities the manifest describes (without validating them)."""
     try:
         return sorted(read_manifest(folder, name)["modalities"])
@@ -125,7 +126,7 @@ def available_modalities(folder, name):
         return []
 
 
-def read_modality(folder, name, modality):
+def read_modality(folder, name: str, modality: str) -> FeatureTable:
     """Load and validate one modality; every problem is a FeatureFileError naming the file."""
     p = paths(folder, name)
     if not p["json"].exists():
@@ -224,12 +225,12 @@ def align(table, id2token, source="features"):
     return out, mask
 
 
-def cache_folder(cache_dir, name):
+def cache_folder(cache_dir, name: str) -> Path:
     """Where features built for a dataset that ships none are cached (the dataset folder stays untouched)."""
     return Path(cache_dir) / "features" / name
 
 
-def locate(config):
+def locate(config) -> Path:
     """A run's feature folder: ``fmrl_feature_path``, else the dataset folder when it holds features,
     else the plugin's cache (where first-use feature building writes)."""
     if config["fmrl_feature_path"]:

@@ -209,9 +209,13 @@ def _recompute_backward(plan, c, hidden, items, labels, lse, grad_out, need_h, n
     K, (P, d), N = plan.K, hidden.shape, items.shape[0]
     hidden_c, items_c = hidden.contiguous(), items.contiguous()
     w = grad_out.to(hidden.dtype) / P  # [K] upstream weight of each size's mean CE
-    # exp(logits - shift) = |w_k| * softmax_k; w_k == 0 -> a shift so large that exp is 0.
+    # exp(logits - shift) = |w_k| * softmax_k. A size with w_k == 0 keeps its own lse as the shift
+    # and its exponentials are zeroed instead: a huge shift (it was lse + 1e4) would be carried into
+    # the next sizes' chained sums (logits_k - shift_k + H E^T + shift_k - shift_{k+1}) and cancel
+    # there, leaving float32 rounding of 1e4 (~1e-3) in every later size's gradient.
     aw = w.abs()
-    shift = lse + torch.where(aw > 0, -torch.log(aw.clamp(min=1e-300)), 1e4).unsqueeze(1)
+    zero = [k for k in range(K) if not bool(aw[k] > 0)]
+    shift = lse - torch.log(torch.where(aw > 0, aw, torch.ones_like(aw))).unsqueeze(1)
     negative = [k for k in range(K) if bool(w[k] < 0)]
     mats = plan.hidden_aug(hidden_c)
     plan.set_shift(mats, shift)
@@ -227,6 +231,8 @@ def _recompute_backward(plan, c, hidden, items, labels, lse, grad_out, need_h, n
         for k in range(K):
             plan.step(R, mats, ea, k)
             torch.exp(R, out=S[k])  # A_k = |w_k| softmax_k on this chunk
+        for k in zero:
+            S[k].zero_()
         for k in negative:
             S[k].neg_()
         for j in range(K - 2, -1, -1):  # G_j = sum_{k >= j} A_k
@@ -399,9 +405,11 @@ class _MatryoshkaCESinglePass(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        grad_h, grad_e = ctx.grads
-        ctx.grads = None
-        c = _scalar_multiple(grad_out, ctx.weights)
+        # The forward's gradients serve the first backward only (then freed); a second one through a
+        # retained graph (retain_graph=True, autograd.grad twice) recomputes, exact for any upstream.
+        grad_h, grad_e = ctx.grads if ctx.grads is not None else (None, None)
+        first, ctx.grads = ctx.grads is not None, None
+        c = _scalar_multiple(grad_out, ctx.weights) if first else None
         if c is None:  # upstream differs from the weights used in forward: recompute
             hidden, items, labels, lse = ctx.saved_tensors
             grad_h, grad_e = _recompute_backward(

@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 
-def default_sizes(hidden_size, smallest=8):
+def default_sizes(hidden_size: int, smallest: int = 8) -> list:
     """Powers of two from ``smallest`` up to ``hidden_size`` (always ending at hidden_size)."""
     sizes, m = [], smallest
     while m < hidden_size:
@@ -22,7 +22,7 @@ def default_sizes(hidden_size, smallest=8):
     return sizes + [hidden_size]
 
 
-def check_sizes(sizes, hidden_size, key="fmrl_sizes"):
+def check_sizes(sizes, hidden_size: int, key: str = "fmrl_sizes") -> list:
     """Validate a nesting list; errors name the config key."""
     sizes = [int(s) for s in sizes]
     if not sizes or any(s <= 0 for s in sizes):

@@ -7,19 +7,24 @@ without allow-listing classes or monkeypatching torch.load.
 import enum
 import math
 import random
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from recbole_fmrl import atomic_write
+from recbole_fmrl.errors import InputError
 
 
 def plain(value):
     """Recursively reduce a config value to types weights-only unpickling accepts."""
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else str(value)
+    if value is None:
+        return None
+    for kind in (bool, int, str):  # numpy subclasses (np.str_, ...) -> the builtin
+        if isinstance(value, kind):
+            return kind(value)
+    if isinstance(value, float):  # np.float64 is a float: stored as the builtin
+        return float(value) if math.isfinite(value) else str(value)
     if isinstance(value, enum.Enum):
         return value.name
     if isinstance(value, dict):
@@ -32,8 +37,9 @@ def plain(value):
 
 
 def save(path, *, config, state_dict, epoch, cur_step, best_valid_score, optimizer=None, other_parameter=None,
-         export=None):
-    """``export``: plain values an export needs without a Dataset (model_args, item catalog; issue 12)."""
+         export=None, **extra):
+    """``export``: plain values an export needs without a Dataset (model_args, item catalog; issue 12);
+    ``extra``: more entries (a last checkpoint's ``resume`` state), tensors and plain values only."""
     state = {
         "config": plain(dict(config.final_config_dict)),
         "epoch": int(epoch),
@@ -43,16 +49,54 @@ def save(path, *, config, state_dict, epoch, cur_step, best_valid_score, optimiz
         "other_parameter": other_parameter,
         "optimizer": optimizer,
         "export": plain(export) if export is not None else None,
+        **extra,
     }
     with atomic_write.atomic_path(path) as tmp:
         torch.save(state, tmp)
 
 
+LAST_SUFFIX = ".last.pth"
+
+
+def last_path(best_file) -> Path:
+    """The last checkpoint beside a best one: ``FMRLRec-<time>.pth`` -> ``FMRLRec-<time>.last.pth``."""
+    best_file = Path(best_file)
+    return best_file.with_name(best_file.name[: -len(".pth")] + LAST_SUFFIX if best_file.name.endswith(".pth")
+                               else best_file.name + LAST_SUFFIX)
+
+
+def best_path(last_file) -> Path:
+    last_file = Path(last_file)
+    return last_file.with_name(last_file.name[: -len(LAST_SUFFIX)] + ".pth")
+
+
+def find_last(where, model=None) -> Path:
+    """The last checkpoint to resume from: ``where`` itself (a ``*.last.pth``), the one beside a best
+    checkpoint, or the newest ``<model>-*.last.pth`` in a run folder (its ``saved/``) or checkpoint folder."""
+    where = Path(where).expanduser()
+    if where.is_file():
+        candidate = where if where.name.endswith(LAST_SUFFIX) else last_path(where)
+        if candidate.is_file():
+            return candidate
+        raise InputError(f"{where}: not a last checkpoint and no {candidate.name} beside it (only runs of this "
+                         f"version write one per epoch)")
+    if not where.is_dir():
+        raise InputError(f"--resume {where}: no such run folder or checkpoint")
+    pattern = f"{model}-*{LAST_SUFFIX}" if model else "*" + LAST_SUFFIX
+    found = sorted((p for d in (where, where / "saved") if d.is_dir() for p in d.glob(pattern)),
+                   key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise InputError(f"--resume {where}: no {pattern} checkpoint in it or in {where / 'saved'}")
+    return found[-1]
+
+
 def load(path, map_location="cpu"):
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise InputError(f"{path}: checkpoint not found") from None
     except Exception as err:
-        raise RuntimeError(f"{path}: cannot load as a recbole_fmrl checkpoint ({err})") from err
+        raise InputError(f"{path}: cannot load as a recbole_fmrl checkpoint ({str(err).strip().splitlines()[0]})") from err
 
 
 def rng_state(train_data=None):

@@ -11,6 +11,7 @@ from pathlib import Path
 from recbole.config import Config as RecBoleConfig
 
 from recbole_fmrl.paths import default_cache_dir, properties_dir
+from recbole_fmrl.train import distributed
 from recbole_fmrl.train.registry import get_model
 
 
@@ -39,6 +40,12 @@ class Config(RecBoleConfig):
                 loaded = self._update_internal_config_dict(path)
                 if path.parent.name == "dataset" and loaded:  # RecBole's rule: a dataset file's keys are dataset keys
                     self.parameters["Dataset"] += [k for k in loaded if k not in self.parameters["Dataset"]]
+
+    def _init_device(self):
+        if distributed.requested(self.final_config_dict):  # spawned by --nproc / world_size (RecBole's keys)
+            distributed.init_device(self.final_config_dict)
+        else:
+            super()._init_device()
 
     def _set_default_parameters(self):
         super()._set_default_parameters()

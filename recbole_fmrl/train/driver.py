@@ -14,10 +14,12 @@ import torch
 from recbole.data import data_preparation
 from recbole.utils import init_seed, set_color
 
+from recbole_fmrl.data.modality import resolve_for_run
 from recbole_fmrl.environment import set_numerics
+from recbole_fmrl.train import checkpoint, distributed, validate
 from recbole_fmrl.train.config import Config
 from recbole_fmrl.train.outputs import init_logger
-from recbole_fmrl.train.registry import create_dataset, get_model, get_trainer
+from recbole_fmrl.train.registry import create_dataset, get_model, get_trainer, uses_fmrl_dataset
 
 # A feature builder makes sure item feature tables exist for a run (``config`` in, ``config`` updated):
 # dataset_tools provides one; this package never imports it (run_recbole_fmrl.py passes it in).
@@ -26,27 +28,39 @@ FeatureBuilder = Callable[[Config], None]
 
 def prepare(model: Optional[str] = None, dataset: Optional[str] = None, config_file_list=None, config_dict=None,
             log: bool = True, *, feature_builder: Optional[FeatureBuilder] = None, load_dataset=create_dataset,
-            config: Optional[Config] = None):
+            config: Optional[Config] = None, resume=None):
     """Config, dataset, dataloaders, model and trainer of one run, ready to ``fit``.
 
     ``load_dataset(config)`` returns the (unbuilt) dataset: Ray trials pass a per-worker cache.
+    The dataset folder and schema are validated first (``validate.check_run``: an ``InputError``
+    before anything is written). ``resume``: a run folder or checkpoint (``checkpoint.find_last``)
+    whose last checkpoint the trainer continues from.
     """
     if config is None:
         config = Config(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict)
     set_numerics(config["fmrl_flush_denormal"])
     init_seed(config["seed"], config["reproducibility"])
-    if log:
+    checked = validate.check_run(config)
+    if log and distributed.is_main():  # multi-process runs: rank 0 writes the log
         init_logger(config)
     logger = getLogger()
-    if feature_builder is not None:
-        feature_builder(config)
-    data = load_dataset(config)
+    logger.info(checked)
+    if uses_fmrl_dataset(get_model(config["model"])):
+        resolve_for_run(config)  # auto -> id when there is nothing to build item features from
+    with distributed.main_first(config):  # rank 0 downloads / builds features first, the others then read them
+        if feature_builder is not None:
+            feature_builder(config)
+        data = load_dataset(config)
     logger.info(data)
     train_data, valid_data, test_data = data_preparation(config, data)
-    init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
+    distributed.seed_sampler(train_data, config)
+    init_seed(config["seed"] + distributed.rank(), config["reproducibility"])
     net = get_model(config["model"])(config, train_data._dataset).to(config["device"])
     logger.info(net)
     trainer = get_trainer()(config, net)
+    trainer.eval_collector.data_collect(train_data)  # training statistics some metrics need (also without fit)
+    if resume is not None:
+        trainer.resume_checkpoint(checkpoint.find_last(resume, config["model"]), train_data)
     # importing any RecBole sequential model imports SINE, whose module turns on autograd anomaly
     # detection for the whole process (a stack trace per op: baselines train several times slower)
     torch.autograd.set_detect_anomaly(False)
@@ -79,14 +93,14 @@ def parameter_count(net) -> int:
 
 
 def run(model=None, dataset=None, config_file_list=None, config_dict=None, saved=True, log=True, *,
-        feature_builder=None, on_evaluation=None, callback_fn=None):
+        feature_builder=None, on_evaluation=None, callback_fn=None, resume=None):
     """Train with early stopping on validation, then evaluate the best checkpoint at every size.
 
     Returns a dict with the largest size's ``best_valid_result`` / ``test_result``, the per-epoch
     ``records`` and, for nested models, ``size_results``: size -> {"params", "valid", "test"}.
     """
     config, net, trainer, (train_data, valid_data, test_data) = prepare(
-        model, dataset, config_file_list, config_dict, log, feature_builder=feature_builder)
+        model, dataset, config_file_list, config_dict, log, feature_builder=feature_builder, resume=resume)
     return fit_and_evaluate(config, net, trainer, (train_data, valid_data, test_data), saved=saved,
                             on_evaluation=on_evaluation, callback_fn=callback_fn)
 

@@ -13,7 +13,7 @@ from recbole.utils import get_local_time
 from recbole.utils.logger import RemoveColorFilter, log_colors_config
 
 
-def init_logger(config):
+def init_logger(config) -> str:
     """RecBole-style console + file logging, the file under <fmrl_output_dir>/log/<model>/."""
     log_dir = os.path.join(config["fmrl_output_dir"], "log", config["model"])
     os.makedirs(log_dir, exist_ok=True)

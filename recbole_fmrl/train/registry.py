@@ -8,10 +8,11 @@ PLUGIN_MODELS = {
     "FMRLRec": "recbole_fmrl.model.fmrlrec",
     "LRURec": "recbole_fmrl.model.lrurec",
     "FMLPRec": "recbole_fmrl.model.fmlprec",
+    "SASRecAP": "recbole_fmrl.model.sasrecap",
 }
 
 
-def get_model(name):
+def get_model(name: str) -> type:
     if name in PLUGIN_MODELS:
         return getattr(importlib.import_module(PLUGIN_MODELS[name]), name)
     anomaly = torch.is_anomaly_enabled()
@@ -23,7 +24,7 @@ def get_model(name):
     return model
 
 
-def uses_fmrl_dataset(model_class):
+def uses_fmrl_dataset(model_class: type) -> bool:
     """Plugin models read item features / window samples from FMRLDataset."""
     return getattr(model_class, "__module__", "").startswith("recbole_fmrl.")
 
@@ -38,7 +39,7 @@ def create_dataset(config):
     return recbole_create_dataset(config)
 
 
-def get_trainer():
+def get_trainer() -> type:
     """Every model, plugin or RecBole, trains with FMRLTrainer (RecBole's loop plus per-size evaluation)."""
     from recbole_fmrl.train.trainer import FMRLTrainer
 

@@ -9,6 +9,8 @@
 - Checkpoints reload under torch >= 2.6 (see ``checkpoint.py``).
 - AdamW decays only weight matrices, not biases, norms or the LRU's log-parameters.
 """
+import copy
+import os
 import time
 from collections import OrderedDict
 
@@ -20,16 +22,48 @@ from recbole.utils import dict2str, early_stopping, set_color
 from torch import optim
 from tqdm import tqdm
 
-from recbole_fmrl.train import checkpoint
+from recbole_fmrl.errors import InputError
+from recbole_fmrl.train import checkpoint, distributed
 from recbole_fmrl.train.outputs import tensorboard_under
 
 NO_DECAY_MARKERS = ("bias", "ln1.", "ln2.", "norm", "params_log")
+# Settings a resumed run must share with the run it continues (the rest may change, e.g. epochs).
+RESUME_KEYS = ("model", "dataset", "seed", "hidden_size", "n_layers", "fmrl_sizes", "fmrl_size_weights",
+               "fmrl_modality", "fmrl_train_objective", "MAX_ITEM_LIST_LENGTH", "train_batch_size", "learner",
+               "learning_rate", "weight_decay", "eval_step", "stopping_step", "valid_metric")
+
+
+def check_resumable(saved, config, resume_file):
+    """Refuse (naming the key) a checkpoint written under other settings than ``config``'s."""
+    for key in RESUME_KEYS:
+        if key in saved and checkpoint.plain(config[key]) != saved[key]:
+            raise InputError(f"{resume_file}: written with {key}={saved[key]!r}, this run has {key}="
+                             f"{checkpoint.plain(config[key])!r}; resume with the original settings")
+
+
+class StatsCollector(Collector):
+    """RecBole's Collector, whose ``get_data_struct`` also works with the training statistics
+    (``data.num_items``: an int, ``data.count_items``: a Counter) that ItemCoverage, AveragePopularity,
+    GiniIndex and TailPercentage read: RecBole 1.2.1 calls ``.cpu()`` on every entry and crashes."""
+
+    def get_data_struct(self):
+        entries = self.data_struct._data_dict
+        for key, value in entries.items():
+            if isinstance(value, torch.Tensor):
+                entries[key] = value.cpu()
+        returned = copy.deepcopy(self.data_struct)
+        for key in ("rec.topk", "rec.meanrank", "rec.score", "rec.items", "data.label"):
+            if key in self.data_struct:
+                del self.data_struct[key]
+        return returned
 
 
 class FMRLTrainer(Trainer):
     def __init__(self, config, model):
-        with tensorboard_under(config["fmrl_output_dir"]):
+        with tensorboard_under(config["fmrl_output_dir"]), distributed.trainer_construction(config):
             super().__init__(config, model)
+        distributed.attach(self)  # multi-process runs: DistributedDataParallel, rank 0's checkpoint path
+        self.eval_collector = StatsCollector(config)  # train-statistic metrics work in RecBole's evaluate too
         self.size_results = None
         self.best_epoch = -1
         # Per-epoch validation of every size costs K top-k sorts; early stopping reads the largest only.
@@ -51,9 +85,13 @@ class FMRLTrainer(Trainer):
         for epoch in range(self.start_epoch, last_eval + 1):
             record = self._train_one_epoch(train_data, epoch, verbose, show_progress)
             if (epoch + 1) % self.eval_step:
+                if saved:
+                    self.save_last_checkpoint(epoch, train_data)
                 continue
             stop = self._validate(valid_data, record, saved, verbose, show_progress)
             record["finished"] = "early_stopped" if stop else ("max_epochs" if epoch >= last_eval else "")
+            if saved:  # before the hooks: a run killed from here on resumes after this epoch
+                self.save_last_checkpoint(epoch, train_data, finished=record["finished"])
             if callback_fn:
                 callback_fn(epoch, record["valid_score"])
             if on_evaluation:
@@ -87,7 +125,7 @@ class FMRLTrainer(Trainer):
                       valid_score=float(score), valid_result=dict(result), size_results=self.size_results,
                       improved=bool(improved))
         if verbose:
-            self.logger.info(set_color("epoch %d evaluating", "green") + " [" + set_color("time", "blue")
+            self.logger.info(set_color(f"epoch {epoch} evaluating", "green") + " [" + set_color("time", "blue")
                              + f": {record['valid_seconds']:.2f}s, " + set_color("valid_score", "blue") + f": {score:f}]")
             self.logger.info(set_color("valid result", "blue") + ": \n" + dict2str(result))
         self.tensorboard.add_scalar("Vaild_score", score, epoch)
@@ -102,7 +140,8 @@ class FMRLTrainer(Trainer):
         if self.valid_every_size:
             return super()._valid_epoch(valid_data, show_progress)
         self.size_results = None
-        result = Trainer.evaluate(self, valid_data, load_best_model=False, show_progress=show_progress)
+        result = distributed.evaluate_plain(self, valid_data) if distributed.active(self.config) else \
+            Trainer.evaluate(self, valid_data, load_best_model=False, show_progress=show_progress)
         return result[self.valid_metric], result
 
     def _build_optimizer(self, **kwargs):
@@ -119,6 +158,8 @@ class FMRLTrainer(Trainer):
 
     def _save_checkpoint(self, epoch, verbose=True, **kwargs):
         path = kwargs.pop("saved_model_file", self.saved_model_file)
+        if not distributed.is_main():
+            return
         checkpoint.save(path, config=self.config, state_dict=self.model.state_dict(), epoch=epoch,
                         cur_step=self.cur_step, best_valid_score=self.best_valid_score,
                         optimizer=self.optimizer.state_dict(), other_parameter=self.model.other_parameter(),
@@ -126,24 +167,72 @@ class FMRLTrainer(Trainer):
         if verbose:
             self.logger.info(set_color("Saving current", "blue") + f": {path}")
 
-    def resume_checkpoint(self, resume_file):
-        self.saved_model_file = str(resume_file)
+    def save_last_checkpoint(self, epoch, train_data=None, finished="", path=None):
+        """The "last" checkpoint (beside the best one, atomically): weights, optimiser, scheduler, early
+        stopping and every random generator, so that a resumed run continues bit for bit."""
+        path = path or checkpoint.last_path(self.saved_model_file)
+        if not distributed.is_main():  # multi-process runs: rank 0 writes
+            return path
+        scheduler = getattr(self, "scheduler", None) or getattr(self, "lr_scheduler", None)
+        resume = {
+            "best_epoch": int(self.best_epoch), "finished": str(finished or ""),
+            "best_valid_result": checkpoint.plain(dict(self.best_valid_result or {})) or None,
+            "train_loss": [[int(e), float(v)] for e, v in self.train_loss_dict.items()],
+            "best_file": os.path.basename(self.saved_model_file), "rng": checkpoint.rng_state(train_data),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        }
+        checkpoint.save(path, config=self.config, state_dict=self.model.state_dict(), epoch=epoch,
+                        cur_step=self.cur_step, best_valid_score=self.best_valid_score,
+                        optimizer=self.optimizer.state_dict(), other_parameter=self.model.other_parameter(),
+                        export=None, resume=resume)
+        return path
+
+    def resume_checkpoint(self, resume_file, train_data=None):
+        """Continue from a checkpoint: a last one (``save_last_checkpoint``) restores everything, the
+        best one (RecBole's way) weights, optimiser and early-stopping counters only."""
         state = checkpoint.load(resume_file, self.device)
-        if state["config"]["model"].lower() != self.config["model"].lower():
-            raise ValueError(f"{resume_file}: checkpoint of model {state['config']['model']}, not {self.config['model']}")
+        check_resumable(state["config"], self.config, resume_file)
+        resume = state.get("resume")
+        self.saved_model_file = str(checkpoint.best_path(resume_file) if resume else resume_file)
         self.start_epoch, self.cur_step = state["epoch"] + 1, state["cur_step"]
         self.best_valid_score = state["best_valid_score"]
         self.model.load_state_dict(state["state_dict"])
         self.model.load_other_parameter(state.get("other_parameter"))
         self.optimizer.load_state_dict(state["optimizer"])
-        self.logger.info(f"Checkpoint loaded. Resume training from epoch {self.start_epoch}")
+        if resume:
+            self._restore_loop_state(resume, train_data)
+        self.logger.info(f"Checkpoint {resume_file} loaded. Resume training from epoch {self.start_epoch}")
+
+    def _restore_loop_state(self, resume, train_data):
+        self.best_epoch = resume["best_epoch"]
+        self.best_valid_result = OrderedDict(resume["best_valid_result"]) if resume["best_valid_result"] else None
+        self.train_loss_dict = {int(e): float(v) for e, v in resume["train_loss"]}
+        scheduler = getattr(self, "scheduler", None) or getattr(self, "lr_scheduler", None)
+        if scheduler is not None and resume.get("scheduler") is not None:
+            scheduler.load_state_dict(resume["scheduler"])
+        checkpoint.set_rng_state(resume["rng"], train_data)
+        if resume["finished"] == "early_stopped":  # nothing left to train: evaluate the best checkpoint
+            self.start_epoch = self.epochs
 
     def load_weights(self, model_file=None):
         path = model_file or self.saved_model_file
-        state = checkpoint.load(path, self.device)
-        self.model.load_state_dict(state["state_dict"])
-        self.model.load_other_parameter(state.get("other_parameter"))
+        state = checkpoint.load(path, self.device) if distributed.is_main() else {}  # rank 0 reads, broadcasts
+        if state:
+            self.model.load_state_dict(state["state_dict"])
+        self.model.load_other_parameter(distributed.broadcast_weights(self.model, state.get("other_parameter")))
         self.logger.info(f"Loading model structure and parameters from {path}")
+
+    def _size_collector(self):
+        """A collector for one size, with the training statistics ``fit`` gave the trainer's own collector
+        (``data_collect``: item counts for ItemCoverage, AveragePopularity, GiniIndex, TailPercentage)."""
+        collector = StatsCollector(self.config)
+        for key in ("data.num_items", "data.num_users", "data.count_items", "data.count_users"):
+            if collector.register.need(key):
+                if key not in self.eval_collector.data_struct:
+                    raise InputError(f"metrics: {', '.join(self.config['metrics'])} need training statistics "
+                                     f"({key}); evaluate through driver.prepare or after fit")
+                collector.data_struct.set(key, self.eval_collector.data_struct.get(key))
+        return collector
 
     @torch.no_grad()
     def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
@@ -153,12 +242,15 @@ class FMRLTrainer(Trainer):
             self.load_weights(model_file)
         if not (hasattr(self.model, "full_sort_predict_sizes") and isinstance(eval_data, FullSortEvalDataLoader)):
             self.size_results = None
+            if distributed.active(self.config):  # RecBole's own pads the user list (PR 1872)
+                return distributed.evaluate_plain(self, eval_data)
             return super().evaluate(eval_data, load_best_model=False, show_progress=show_progress)
         self.model.eval()
         sizes = self.model.sizes
-        collectors = [Collector(self.config) for _ in sizes]
-        batches = tqdm(eval_data, total=len(eval_data), ncols=100, desc=set_color("Evaluate   ", "pink")) \
-            if show_progress else eval_data
+        collectors = [self._size_collector() for _ in sizes]
+        batches = distributed.eval_batches(eval_data, self.config)  # this process's share of the batches
+        batches = tqdm(batches, total=len(eval_data), ncols=100, desc=set_color("Evaluate   ", "pink")) \
+            if show_progress else batches
         for interaction, history_index, positive_u, positive_i in batches:
             interaction = interaction.to(self.device)
             scores = self.model.full_sort_predict_sizes(interaction)  # [K B N+1]
@@ -167,6 +259,7 @@ class FMRLTrainer(Trainer):
                 scores[:, history_index[0], history_index[1]] = -torch.inf
             for collector, size_scores in zip(collectors, scores):
                 collector.eval_batch_collect(size_scores, interaction, positive_u, positive_i)
+        distributed.merge_collected(collectors, self.config)  # every rank: all users, in batch order
         self.size_results = OrderedDict()
         for size, collector in zip(sizes, collectors):
             collector.model_collect(self.model)

@@ -44,7 +44,7 @@ def _trial_states(grid):
     return {os.path.basename(str(t.local_path)): (t.status, t.config) for t in trials}
 
 
-def result_rows(grid, job, metric, mode):
+def result_rows(grid, job: dict, metric: str, mode: str) -> list:
     rows = []
     states = _trial_states(grid)
     for result in grid:
@@ -78,7 +78,7 @@ def result_rows(grid, job, metric, mode):
     return rows
 
 
-def best_config(job, params):
+def best_config(job: dict, params: dict) -> dict:
     """The selected configuration as one flat dict (trial-only keys left out)."""
     cfg = trial_config_dict(job, params)
     for key in TRIAL_KEYS:
@@ -92,7 +92,8 @@ def _fmt(value):
     return str(value).replace("|", "\\|")
 
 
-def write_outputs(exp_dir, job, rows, selected, metric, mode, search_seconds, total_seconds):
+def write_outputs(exp_dir, job: dict, rows: list, selected, metric: str, mode: str, search_seconds: float,
+                  total_seconds: float) -> dict:
     exp_dir = Path(exp_dir)
     param_cols = list(job["space"]) + list(job["derived"])
     metric_cols = sorted({k for r in rows for k in r if "@" in k and not k.startswith("_")},

@@ -14,6 +14,7 @@ JOB_FILE = "fmrl_job.json"
 
 def _ray_trial(params, job):
     """The Tune function trainable: Ray's trial folder, checkpoint, GPUs and CPUs -> ``train_trial``."""
+    import ray
     from ray.air import session
     from ray.air.checkpoint import Checkpoint
 
@@ -25,8 +26,11 @@ def _ray_trial(params, job):
         resume_dir = checkpoint.to_directory(os.path.join(trial_dir, "fmrl", "resume"))
         # (removed again by train_trial once restored)
 
+    node = ray.get_runtime_context().get_node_id()  # which machine ran each epoch (a lost node's trials move)
+
     def report(metrics, folder):
-        session.report(metrics, checkpoint=Checkpoint.from_directory(str(folder)) if folder else None)
+        session.report(dict(metrics, node_id=node),
+                       checkpoint=Checkpoint.from_directory(str(folder)) if folder else None)
 
     threads = session.get_trial_resources().required_resources.get("CPU", 1)
     train_trial(job, params, trial_dir, report, resume_dir=resume_dir, device=ray_device_overrides(),

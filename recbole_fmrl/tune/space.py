@@ -45,12 +45,12 @@ _Loader.add_implicit_resolver(
     list("-+0123456789."))
 
 
-def load_yaml(path):
+def load_yaml(path) -> dict:
     with open(path, encoding="utf-8") as f:
         return yaml.load(f, Loader=_Loader) or {}
 
 
-def find_space(space):
+def find_space(space: str) -> Path:
     """A space file path, or a bare name looked up in the plugin's properties/tune/."""
     path = Path(space).expanduser()
     if path.is_file():
@@ -82,7 +82,7 @@ def plain(value):
     return value
 
 
-def expand_range(args):
+def expand_range(args: list) -> list:
     """``{range: [start, stop, step]}``: start, start + step, ..., stop (inclusive), rounded."""
     start, stop, step = args
     if step <= 0:
@@ -112,7 +112,7 @@ def check_distribution(key, spec):
     raise ValueError(f"space.{key}: expected a list or one of {{{', '.join(DISTRIBUTIONS)}: ...}}, got {spec!r}")
 
 
-def grid_points(space, search):
+def grid_points(space: dict, search: str) -> int:
     """Configurations per sample: the product of the grid axes (random draws count once)."""
     n = 1
     for key, spec in space.items():
@@ -122,7 +122,7 @@ def grid_points(space, search):
     return n
 
 
-def ray_param_space(space, search):
+def ray_param_space(space: dict, search: str) -> dict:
     from ray import tune
 
     out = {}
@@ -144,7 +144,7 @@ _BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
 _FUNCS = {"min": min, "max": max, "round": round, "int": int, "float": float, "abs": abs}
 
 
-def evaluate_expression(expr, values):
+def evaluate_expression(expr, values: dict):
     """Arithmetic over config values (``fmrl_ring_r_min + 0.1``); nothing else is evaluated."""
     if not isinstance(expr, str):
         return expr
@@ -186,7 +186,7 @@ def sample_point(space):
     return point
 
 
-def trial_config_dict(job, params):
+def trial_config_dict(job: dict, params: dict) -> dict:
     """The config_dict of one trial: base (fixed + files + overrides), sampled values, derived keys."""
     cfg = dict(job["base"])
     cfg.update(plain(params))
@@ -205,7 +205,7 @@ def absolute_paths(cfg):
 
 def build_job(space, dataset=None, model=None, config_files=None, overrides=None, *, name=None, storage_path=None,
               search=None, scheduler=None, num_samples=None, search_seed=None, cpus_per_trial=1, gpus_per_trial=0,
-              max_concurrent=None, max_failures=1, checkpoint_every=1):
+              max_concurrent=None, max_failures=1, checkpoint_every=1) -> dict:
     """Everything a search needs, as plain JSON-able values (stored with the experiment for resume)."""
     space_file = find_space(space)
     spec = load_yaml(space_file)

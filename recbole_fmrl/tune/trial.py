@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 
-from recbole_fmrl.train import checkpoint
 from recbole_fmrl.train.driver import evaluate_sizes, prepare
 from recbole_fmrl.train import registry
 from recbole_fmrl.tune.space import make_config, trial_config_dict
@@ -81,15 +80,15 @@ def build_run(model, dataset, config_dict, log=True):
     return run
 
 
-def write_trial_checkpoint(folder, trainer, train_data, epoch, state):
-    """latest.pth (model, optimiser, early stopping), best.pth, RNG states and the loop's own state."""
+def write_trial_checkpoint(folder, trainer, train_data, epoch, state, finished=""):
+    """latest.pth (the trainer's last checkpoint: model, optimiser, early stopping, RNG states),
+    best.pth and the trial's own state."""
     folder = Path(folder)
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
-    trainer._save_checkpoint(epoch, verbose=False, saved_model_file=str(folder / "latest.pth"))
+    trainer.save_last_checkpoint(epoch, train_data, finished=finished, path=folder / "latest.pth")
     if os.path.isfile(trainer.saved_model_file):
         shutil.copy2(trainer.saved_model_file, folder / "best.pth")
-    torch.save(checkpoint.rng_state(train_data), folder / "rng.pt")
     (folder / "state.json").write_text(json.dumps(state))
     return folder
 
@@ -97,15 +96,11 @@ def write_trial_checkpoint(folder, trainer, train_data, epoch, state):
 def restore_trial_checkpoint(folder, trainer, train_data):
     folder = Path(folder)
     best_file = trainer.saved_model_file
-    trainer.resume_checkpoint(str(folder / "latest.pth"))
+    trainer.resume_checkpoint(str(folder / "latest.pth"), train_data)
     trainer.saved_model_file = best_file
     if (folder / "best.pth").is_file():
         shutil.copy2(folder / "best.pth", best_file)
-    checkpoint.set_rng_state(torch.load(folder / "rng.pt", weights_only=True), train_data)
-    state = json.loads((folder / "state.json").read_text())
-    trainer.best_valid_result = state["best_valid_result"]
-    trainer.best_epoch = state["best_epoch"]
-    return state
+    return json.loads((folder / "state.json").read_text())
 
 
 def _metrics(prefix, result):
@@ -157,7 +152,7 @@ def train_trial(job, params, trial_dir, report, resume_dir=None, device=None, th
             metrics.update({f"valid_size/{m}": float(r[metric]) for m, r in sizes.items()})
         folder = None
         if record["finished"] or (epoch + 1) % (every * trainer.eval_step) == 0:
-            folder = write_trial_checkpoint(scratch, trainer, train_data, epoch, state)
+            folder = write_trial_checkpoint(scratch, trainer, train_data, epoch, state, record["finished"])
         report(metrics, folder)
         if folder is not None:
             shutil.rmtree(folder, ignore_errors=True)

@@ -1,0 +1,195 @@
+"""Before a run loads anything: its dataset folder against the converter's manifest, and its schema.
+
+``check_run(config)`` is called by ``driver.prepare`` before any output is written. Every problem is
+an ``InputError`` whose one-line message names the file, column or key (and, for a damaged dataset,
+the command that rebuilds it).
+
+- **Manifest** (``meta.json``, written last by ``dataset_tools``): every file it lists must be present
+  with the recorded size and sha256, ``.item_ids`` must have ``stats.items`` rows, and every feature
+  table it lists must load (rows = items, ``features.json`` hashes).
+- **No manifest**: RecBole's bundled datasets and hand-made folders never have one, so a folder
+  without it is accepted unless it shows an unfinished conversion or feature build: the converter's
+  lock beside the folder (``.<name>.lock``: a conversion is writing it, or was killed), its encoding
+  cache (``.encode-cache/``: killed while encoding), or ``<name>.item_ids`` next to ``<name>.item``
+  without ``<name>.features.json`` (killed between the two; the item ids come from the ``.item`` file).
+- **Schema**: the atomic files RecBole will read have ``name:type`` headers of known types, the
+  ``.inter`` file has the time column when the split or the model orders by time, and every column
+  ``load_col`` names exists.
+"""
+import json
+import os
+from pathlib import Path
+
+from recbole.utils import FeatureType, ModelType
+
+from recbole_fmrl.data import features as feature_files
+from recbole_fmrl.errors import InputError
+
+META = "meta.json"
+ATOMIC_TYPES = tuple(t.value for t in FeatureType)
+ATOMIC_SOURCES = ("inter", "item", "user")
+
+
+def check_run(config) -> str:
+    """Validate the run's dataset folder and schema; returns a one-line summary for the log."""
+    folder, name = Path(config["data_path"]), config["dataset"]
+    if not folder.exists() and name in recbole_downloads() and not unfinished_marker(folder, name):
+        # a name from RecBole's catalogue: RecBole downloads it (a converter's lock is refused below)
+        return f"{folder}: {name} not present yet; RecBole downloads it"
+    summary = check_manifest(folder, name)
+    check_schema(config, folder, name)
+    return summary
+
+
+def recbole_downloads() -> set:
+    """Names of the datasets RecBole downloads when their folder is missing (its url.yaml)."""
+    import recbole
+    import yaml
+
+    path = Path(recbole.__file__).parent / "properties" / "dataset" / "url.yaml"
+    try:
+        return set(yaml.safe_load(path.read_text()) or {})
+    except (OSError, yaml.YAMLError):
+        return set()
+
+
+def check_manifest(folder: Path, name: str) -> str:
+    meta_path = folder / META
+    if not meta_path.is_file():
+        marker = unfinished_marker(folder, name)
+        if marker:
+            raise InputError(
+                f"{folder}: no {META} and {marker}: an unfinished conversion; rebuild it with the command "
+                f"that made it (python -m dataset_tools <amazon|p5|movielens> --input ... --output {folder.parent} "
+                f"--name {name}, or python -m dataset_tools features --data-path {folder.parent} --dataset {name})")
+        return f"{folder}: no {META} (not a dataset_tools conversion), files taken as they are"
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        files = meta["files"]
+        entries = [(folder / entry["file"], entry) for entry in files.values()]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise InputError(f"{meta_path}: unreadable manifest ({type(err).__name__}: {err}); rebuild the dataset") from None
+    rebuild = rebuild_command(meta, folder, name)
+    for path, entry in entries:
+        if not path.is_file():
+            raise InputError(f"{path}: listed in {meta_path} but missing; rebuild: {rebuild}")
+        digest = feature_files.sha256_file(path)
+        if digest != entry.get("sha256"):
+            raise InputError(f"{path}: changed since the conversion ({path.stat().st_size} bytes, sha256 {digest[:12]}..., "
+                             f"{META} recorded {entry.get('bytes')} bytes, {str(entry.get('sha256'))[:12]}...); "
+                             f"rebuild: {rebuild}")
+    check_counts(meta, folder, name, rebuild)
+    for modality in meta.get("features") or {}:
+        feature_files.read_modality(folder, name, modality)  # rows = items, features.json hashes
+    return f"{folder}: {len(entries)} files match {META}"
+
+
+def check_counts(meta, folder: Path, name: str, rebuild: str):
+    items = (meta.get("stats") or {}).get("items")
+    ids = feature_files.paths(folder, name)["item_ids"]
+    if items is None or not ids.is_file():
+        return
+    rows = sum(1 for _ in open(ids, encoding="utf-8"))
+    if rows != items:
+        raise InputError(f"{ids}: {rows} item rows, {folder / META} says {items} items; rebuild: {rebuild}")
+
+
+def unfinished_marker(folder: Path, name: str):
+    """What shows that a conversion or feature build into ``folder`` did not finish, or None."""
+    lock = folder.parent / f".{name}.lock"
+    if lock.exists():
+        try:
+            owner = json.loads(lock.read_text(encoding="utf-8"))
+            who = f"pid {owner.get('pid')} on {owner.get('host')}, started {owner.get('started')}: "
+        except (OSError, ValueError, AttributeError):
+            who = ""
+        return f"{lock} exists ({who}a conversion is writing this folder, or was killed)"
+    if (folder / ".encode-cache").is_dir():
+        return f"{folder / '.encode-cache'} exists (feature encoding did not finish)"
+    p = feature_files.paths(folder, name)
+    if p["item_ids"].is_file() and (folder / f"{name}.item").is_file() and not p["json"].is_file():
+        return f"{p['item_ids'].name} exists without {p['json'].name}"
+    return None
+
+
+def rebuild_command(meta: dict, folder: Path, name: str) -> str:
+    """The dataset_tools command that rebuilds ``folder`` from the inputs ``meta`` records."""
+    source = meta.get("source") or {}
+    inputs = [Path(i["path"]) for i in source.get("inputs") or [] if isinstance(i, dict) and i.get("path")]
+    where = os.path.commonpath([str(p.parent) for p in inputs]) if inputs else "<input>"
+    options = meta.get("options") or {}
+    cmd = f"python -m dataset_tools {source.get('format', '<format>')} --input {where} --output {folder.parent} --name {name}"
+    if options.get("kcore", 5) != 5:
+        cmd += f" --kcore {options['kcore']}"
+    if "text_encoder" in options and options["text_encoder"] is None:
+        cmd += " --text-encoder none"
+    return cmd
+
+
+def atomic_files(config, folder: Path, name: str) -> dict:
+    """source -> [paths] RecBole will read ('inter' may be the benchmark split files)."""
+    benchmark = config["benchmark_filename"]
+    inter = [folder / f"{name}.{part}.inter" for part in benchmark] if benchmark else [folder / f"{name}.inter"]
+    files = {"inter": inter}
+    for source in ("item", "user"):
+        files[source] = [folder / f"{name}.{source}"]
+    return files
+
+
+def read_header(path: Path, config) -> list:
+    """[(column, type)] of an atomic file's first line; a malformed header is an InputError."""
+    try:
+        with open(path, encoding=config["encoding"]) as fh:
+            head = fh.readline().rstrip("\r\n")
+    except UnicodeDecodeError as err:
+        raise InputError(f"{path}: header is not {config['encoding']} ({err.reason} at byte {err.start})") from None
+    columns = []
+    for cell in head.split(config["field_separator"]):
+        field, sep, ftype = cell.partition(":")
+        if not sep or not field or ":" in ftype:
+            raise InputError(f"{path}: header column {cell!r} is not 'name:type' "
+                             f"(type one of {', '.join(ATOMIC_TYPES)})")
+        if ftype not in ATOMIC_TYPES:
+            raise InputError(f"{path}: column '{cell}' has unknown type '{ftype}'; expected one of "
+                             f"{', '.join(ATOMIC_TYPES)}")
+        columns.append((field, ftype))
+    return columns
+
+
+def loaded_sources(config) -> dict:
+    """source -> set of columns ``load_col`` asks for (None: all); sources RecBole skips are absent."""
+    load_col = config["load_col"]
+    if load_col is None:
+        return {s: None for s in ATOMIC_SOURCES}
+    return {s: (None if load_col[s] == "*" else set(load_col[s])) for s in ATOMIC_SOURCES if s in load_col}
+
+
+def check_schema(config, folder: Path, name: str):
+    files, wanted = atomic_files(config, folder, name), loaded_sources(config)
+    for path in files["inter"]:
+        if not path.is_file():
+            raise InputError(f"{path}: interaction file not found (data_path={folder.parent}, dataset={name}; "
+                             f"build the dataset with python -m dataset_tools, or fix data_path / --dataset)")
+    for source, columns in wanted.items():
+        for path in files[source]:
+            if not path.is_file():
+                if columns:
+                    raise InputError(f"load_col.{source} names {sorted(columns)}, but {path} does not exist")
+                continue
+            header = dict(read_header(path, config))
+            if source == "inter":
+                check_time_column(config, path, header)
+            missing = sorted((columns or set()) - set(header))
+            if missing:
+                raise InputError(f"{path}: load_col.{source} names column '{missing[0]}', which the file does not "
+                                 f"have (columns: {', '.join(header)})")
+
+
+def check_time_column(config, path: Path, header: dict):
+    """Leave-one-out by time (eval_args order TO) and sequential models sort each user's interactions by time."""
+    time_field = config["TIME_FIELD"]
+    by_time = (config["eval_args"] or {}).get("order") == "TO" or config["MODEL_TYPE"] == ModelType.SEQUENTIAL
+    if by_time and time_field and time_field not in header:
+        raise InputError(f"{path}: no '{time_field}' column (columns: {', '.join(header)}); {config['model']} "
+                         f"orders each user's interactions by time (TIME_FIELD={time_field}): add a "
+                         f"'{time_field}:float' column")
