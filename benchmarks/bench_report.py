@@ -3,6 +3,7 @@ import csv
 import fnmatch
 import json
 import math
+import re
 import statistics
 from collections import OrderedDict
 from pathlib import Path
@@ -83,9 +84,11 @@ def settings_text(run):
         parts.append(f"{r['n_layers']} blk")
     if run["model"] == "FMRLRec":
         parts.append(f"sizes {r.get('fmrl_sizes') or '8..d'}")
+        if r.get("fmrl_size_weights"):
+            parts.append(f"size weights {r['fmrl_size_weights']}")
         if r.get("fmrl_modality") != "id":  # runs before the key existed used the raw features
             parts.append(f"{FEATURE_NORMS.get(r.get('fmrl_feature_norm'), 'raw')} features")
-    objective = r.get("fmrl_train_objective") if run["model"] in ("FMRLRec", "LRURec", "FMLPRec") else None
+    objective = r.get("fmrl_train_objective") if run["model"] in ("FMRLRec", "LRURec", "FMLPRec", "SASRecAP") else None
     parts.append("all-pos windows" if objective == "all_positions" else "prefix samples")
     drop = r.get("hidden_dropout_prob", r.get("dropout_prob"))
     if drop is not None:
@@ -151,6 +154,8 @@ def summaries(dataset, results_dir, settings):
     table = []
     for tag in tags:
         for row, spec in settings["rows"].items():
+            if spec.get("single_of"):  # generated single-size rows: the nested-vs-independent table
+                continue
             table.append(row_summary(tag, row, spec, runs.get(tag, {}).get(row), (ds.get("paper") or {}).get(row),
                                      _pattern_value(ds.get("not_run"), row), _pattern_value(ds.get("unavailable"), row)))
     return runs, table
@@ -205,6 +210,117 @@ def plot_sizes(path, dataset, series_by_tag):
     plt.close(fig)
 
 
+SINGLE_ROW = re.compile(r"^(?P<base>.+)-single-(?P<size>\d+)$")
+PAIR_METRICS = ("ndcg@10", "recall@10")
+
+
+def _pair(size, nested, single):
+    """One size: the nested row's size-m metrics and the single-size row's, mean (std) over seeds, and ratios."""
+    out = OrderedDict(size=size, nested_seeds=len(nested), single_seeds=len(single))
+    out["nested_params"] = nested[0]["size_results"][str(size)]["params"] if nested else None
+    out["single_params"] = single[0]["params"] if single else None
+    for split in ("test", "valid"):
+        for k in PAIR_METRICS:
+            n_mean, n_std = mean_std([r["size_results"][str(size)][split].get(k) for r in nested])
+            s_mean, s_std = mean_std([r[split].get(k) for r in single])
+            out[f"{split}_{k}_nested"], out[f"{split}_{k}_nested_std"] = n_mean, n_std
+            out[f"{split}_{k}_single"], out[f"{split}_{k}_single_std"] = s_mean, s_std
+            out[f"{split}_{k}_ratio"] = n_mean / s_mean if n_mean is not None and s_mean else None
+    out["single_epochs"] = mean_std([r["epochs"] for r in single])[0]
+    out["single_best_epoch"] = mean_std([r["best_epoch"] for r in single])[0]
+    out["single_stopped_by"] = "; ".join(sorted({r["stopped_by"] for r in single}))
+    return out
+
+
+def nested_vs_independent(runs):
+    """{(tag, row): [per-size pairs]}: row's nested size-m results beside its ``<row>-single-<m>`` runs.
+
+    Sizes are the union of the nested row's sizes and the single-size rows found; a missing side is blank.
+    """
+    out = OrderedDict()
+    for tag, rows in runs.items():
+        singles = {}
+        for name, entry in rows.items():
+            match = SINGLE_ROW.match(name)
+            if match and entry["runs"]:
+                singles.setdefault(match["base"], {})[int(match["size"])] = entry["runs"]
+        for base, by_size in singles.items():
+            nested = [r for r in rows.get(base, {}).get("runs", []) if r.get("size_results")]
+            sizes = set(by_size) | {int(m) for r in nested for m in r["size_results"]}
+            out[tag, base] = [_pair(m, [r for r in nested if str(m) in r["size_results"]], by_size.get(m, []))
+                              for m in sorted(sizes)]
+    return out
+
+
+def nested_markdown(pairs, png_name):
+    """The nested-vs-independent section: one table per (tag, row), then the plot."""
+    lines = ["## Nested sizes against independently trained ones", "",
+             "Each size m: the nested model's size-m result (the first m dims of one trained model, its checkpoint "
+             "chosen on the largest size's validation NDCG@10) beside a model trained alone at hidden_size = m "
+             "(`<row>-single-<m>`: fmrl_sizes = [m], every other setting the row's, its own early stopping). "
+             "*ratio* = nested / independent (Matryoshka bar: 1.0). Test split unless marked *valid*; means over "
+             "seeds (± sample std).", ""]
+    head = ["size m", "seeds (nested / indep.)", "N@10 nested", "N@10 indep.", "ratio", "R@10 nested", "R@10 indep.",
+            "ratio", "valid N@10 ratio", "params nested / indep.", "indep. epochs (best), stop"]
+    for (tag, row), pairs_ in pairs.items():
+        lines += [f"### {row} ({tag})", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for p in pairs_:
+            ratio = lambda key: "" if p[key] is None else f"{p[key]:.2f}"  # noqa: E731
+            cells = [p["size"], f"{p['nested_seeds']} / {p['single_seeds']}",
+                     fmt_metric(p["test_ndcg@10_nested"], p["test_ndcg@10_nested_std"]),
+                     fmt_metric(p["test_ndcg@10_single"], p["test_ndcg@10_single_std"]), ratio("test_ndcg@10_ratio"),
+                     fmt_metric(p["test_recall@10_nested"], p["test_recall@10_nested_std"]),
+                     fmt_metric(p["test_recall@10_single"], p["test_recall@10_single_std"]),
+                     ratio("test_recall@10_ratio"), ratio("valid_ndcg@10_ratio"),
+                     f"{fmt_params(p['nested_params'])} / {fmt_params(p['single_params'])}",
+                     "" if not p["single_seeds"] else
+                     f"{p['single_epochs']:.0f} ({p['single_best_epoch']:.0f}), {p['single_stopped_by']}"]
+            lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+        lines.append("")
+    return lines + [f"![nested vs independent]({png_name})", ""]
+
+
+def plot_nested(path, dataset, pairs):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for (tag, row), pairs_ in pairs.items():
+        for ax, k in zip(axes, PAIR_METRICS):
+            for side, style in (("nested", "-o"), ("single", "--s")):
+                points = [(p["size"], p[f"test_{k}_{side}"]) for p in pairs_ if p[f"test_{k}_{side}"] is not None]
+                if points:
+                    ax.plot(*zip(*points), style, label=f"{'nested' if side == 'nested' else 'independent'} ({row}, {tag})")
+    for ax, k in zip(axes, PAIR_METRICS):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("size m")
+        ax.set_ylabel(f"test {SHORT[k]}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{dataset}: nested size-m model vs a size-m model trained alone")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_nested(dataset, results_dir, runs):
+    """results/<dataset>-nested-vs-independent.{md,csv,png}; returns (paths, section lines)."""
+    pairs = nested_vs_independent(runs)
+    if not pairs:
+        return [], []
+    stem = Path(results_dir) / f"{dataset}-nested-vs-independent"
+    md, csv_path, png = stem.with_suffix(".md"), stem.with_suffix(".csv"), stem.with_suffix(".png")
+    section = nested_markdown(pairs, png.name)
+    write_csv(csv_path, [OrderedDict(tag=tag, row=row, **p) for (tag, row), ps in pairs.items() for p in ps])
+    plot_nested(png, dataset, pairs)
+    md.write_text("\n".join([f"# {dataset}: nested against independent sizes", "",
+                              f"Written by `benchmarks/bench_report.py` from `results/{dataset}/runs/`.", ""]
+                             + section[2:]))
+    return [md, csv_path, png], section
+
+
 def write_csv(path, rows):
     keys = []
     for r in rows:
@@ -229,7 +345,7 @@ def environments(runs):
     return list(seen.values())
 
 
-def markdown(dataset, settings, runs, table, series, sizes_png):
+def markdown(dataset, settings, runs, table, series, sizes_png, nested_section=()):
     ds = settings["dataset"]
     lines = [f"# {ds.get('title', dataset)}: side-by-side benchmark", ""]
     if ds.get("description"):
@@ -289,6 +405,7 @@ def markdown(dataset, settings, runs, table, series, sizes_png):
                     fmt_metric(m[f"test_{k}"], m[f"test_{k}_std"]) for k in
                     ("ndcg@5", "recall@5", "ndcg@10", "recall@10", "ndcg@20", "recall@20", "recall@50")) + " |")
             lines += ["", f"![per-size results]({sizes_png.name})", ""]
+    lines += list(nested_section)
     for note in ds.get("notes") or []:
         lines.append(f"- {note.strip()}")
     if ds.get("notes"):
@@ -326,5 +443,6 @@ def write_report(dataset, results_dir, settings):
         write_csv(sizes_csv, rows)
         plot_sizes(sizes_png, dataset, series)
         written += [sizes_csv, sizes_png]
-    md_path.write_text(markdown(dataset, settings, runs, table, series, sizes_png))
-    return written
+    nested_paths, nested_section = write_nested(dataset, results_dir, runs)
+    md_path.write_text(markdown(dataset, settings, runs, table, series, sizes_png, nested_section))
+    return written + nested_paths

@@ -6,8 +6,8 @@ time) and metrics (Recall/NDCG@5,10,20,50, full ranking, history not masked), ea
 validation NDCG@10 and tested at its best checkpoint, then writes ``results/<dataset>.md`` and CSVs
 (and the Figure 3 per-size plot from one FMRLRec training).
 
-    python benchmarks/run_benchmark.py --dataset ml-100k-posters --data-path /work/data_out
-    python benchmarks/run_benchmark.py --dataset amazon-beauty --data-path /work/data_out \\
+    python benchmarks/run_benchmark.py --dataset ml-100k-posters --data-path data
+    python benchmarks/run_benchmark.py --dataset amazon-beauty --data-path data \\
         --models FMRLRec-text,LRURec,SASRec --max-epochs 30 --seeds 1
     python benchmarks/run_benchmark.py --dataset amazon-beauty --data-path data --device cuda --seeds 3
 
@@ -54,9 +54,40 @@ SCHEMA = 1
 KEY_IGNORE = {"show_progress", "state", "fmrl_output_dir", "checkpoint_dir", "fmrl_cache_dir", "eval_batch_size", "worker"}
 MODEL_GROUPS = {
     "recbole": ["SASRec", "BERT4Rec", "GRU4Rec", "LightSANs", "FEARec"],
-    "baselines": ["SASRec", "BERT4Rec", "GRU4Rec", "LightSANs", "FEARec", "FMLPRec", "LRURec"],
-    "fmrlrec": ["FMRLRec-text_image", "FMRLRec-text", "FMRLRec-image", "FMRLRec-id"],
+    "baselines": ["SASRec", "SASRec-allpos", "BERT4Rec", "GRU4Rec", "LightSANs", "FEARec", "FMLPRec", "LRURec"],
+    "fmrlrec": ["FMRLRec-text_image", "FMRLRec-text", "FMRLRec-text_id", "FMRLRec-image", "FMRLRec-id"],
 }
+SINGLE = "-single-"  # generated rows <row>-single-<m>: one single-size model per nested size of <row>
+
+
+def nested_sizes(model, config):
+    """The nested sizes a row trains: ``fmrl_sizes``, else powers of two 8..d (d from the row or the model YAML)."""
+    from recbole_fmrl.model.nested import default_sizes
+    from recbole_fmrl.paths import properties_dir
+
+    hidden = config.get("hidden_size")
+    if hidden is None:
+        model_yaml = properties_dir() / "model" / f"{model}.yaml"
+        hidden = (read_yaml(model_yaml) if model_yaml.is_file() else {}).get("hidden_size", 64)
+    return [int(m) for m in (config.get("fmrl_sizes") or default_sizes(int(hidden)))]
+
+
+def single_size_rows(settings, device_type, overrides_for=lambda row: ()):
+    """``<row>-single-<m>`` for every row with ``single_sizes: true``: the row's settings at hidden_size=m, sizes [m].
+
+    Nested against independent (issue 11): each trains a plain size-m model with otherwise the same settings,
+    to put beside the nested model's size-m result. Chosen only by ``--models`` items that say ``single``.
+    """
+    generated = {}
+    for row, spec in settings["rows"].items():
+        if not spec.get("single_sizes") or spec.get("single_of"):
+            continue
+        _, config = row_config(settings, row, device_type, overrides_for(row))
+        for m in nested_sizes(spec["model"], config):
+            generated[f"{row}{SINGLE}{m}"] = {**spec, "single_of": row, "single_size": m, "single_sizes": False,
+                                             "sizes_plot": False, "group": "independent sizes",
+                                             "paper_name": f"{row}, one size-{m} model"}
+    return generated
 
 
 # ----------------------------------------------------------------------------------------- settings
@@ -92,12 +123,15 @@ def parse_value(text):
 
 
 def resolve_rows(spec, known):
-    """--models: comma list of row names, fnmatch patterns or groups (recbole, baselines, fmrlrec, all)."""
+    """--models: comma list of row names, fnmatch patterns or groups (recbole, baselines, fmrlrec, all, single)."""
     chosen = []
     for item in [s.strip() for s in spec.split(",") if s.strip()]:
-        names = known if item == "all" else MODEL_GROUPS.get(item) or [r for r in known if fnmatch.fnmatchcase(r, item)]
+        # generated single-size rows only when asked for: by name, a pattern saying "single", or the group
+        pool = [r for r in known if SINGLE not in r or "single" in item]
+        names = ([r for r in pool if SINGLE in r] if item == "single" else pool if item == "all" else
+                 MODEL_GROUPS.get(item) or [r for r in pool if fnmatch.fnmatchcase(r, item)])
         if not names:
-            raise SystemExit(f"--models: {item!r} matches no row; rows: {', '.join(known)}; groups: all, "
+            raise SystemExit(f"--models: {item!r} matches no row; rows: {', '.join(known)}; groups: all, single, "
                              f"{', '.join(MODEL_GROUPS)}")
         chosen += [n for n in names if n not in chosen]
     return chosen
@@ -107,15 +141,18 @@ def row_config(settings, row, device_type, overrides=(), max_epochs=None):
     """The model name and the merged RecBole config_dict of one row."""
     spec = settings["rows"][row]
     ds = settings["dataset"]
+    base = spec.get("single_of", row)  # a single-size row takes its nested row's settings
     config = copy.deepcopy(settings["common"])
-    layers = [spec.get("config") or {}, ds.get("config") or {}, *_matching(ds.get("rows"), row),
-              *_matching((ds.get("devices") or {}).get(device_type), row)]
+    layers = [spec.get("config") or {}, ds.get("config") or {}, *_matching(ds.get("rows"), base),
+              *_matching((ds.get("devices") or {}).get(device_type), base)]
     for layer in layers:
         config.update(copy.deepcopy(layer))
     if max_epochs is not None:
         config["epochs"] = int(max_epochs)
     for key, value in overrides:
         config[key] = value
+    if spec.get("single_size"):  # last: a --set hidden_size=... resizes the nested row, not its size-m twin
+        config.update(hidden_size=spec["single_size"], fmrl_sizes=[spec["single_size"]], fmrl_size_weights=None)
     return spec["model"], config
 
 
@@ -128,7 +165,7 @@ def settings_key(model, dataset, config, extra):
 
 def unavailable_reason(settings, row, model, config, data_path, dataset):
     """Why a row cannot run on this dataset (None when it can)."""
-    explicit = _matching(settings["dataset"].get("unavailable"), row)
+    explicit = _matching(settings["dataset"].get("unavailable"), settings["rows"][row].get("single_of", row))
     if explicit:
         return explicit[0]
     if model != "FMRLRec":
@@ -263,7 +300,7 @@ RESOLVED_KEYS = {"hidden_size", "n_layers", "inner_size", "embedding_size", "num
                  "attn_dropout_prob", "dropout_prob", "learning_rate", "learner", "weight_decay", "train_batch_size",
                  "fmrl_modality", "fmrl_sizes", "fmrl_train_objective", "fmrl_ring_r_min", "fmrl_ring_r_max",
                  "fmrl_ffn_ratio", "fmlp_filter", "MAX_ITEM_LIST_LENGTH", "epochs", "stopping_step", "n_heads",
-                 "mask_ratio", "k_interests", "fmrl_lru_state_ratio", "device", "fmrl_feature_norm"}
+                 "mask_ratio", "k_interests", "fmrl_lru_state_ratio", "device", "fmrl_feature_norm", "fmrl_size_weights"}
 
 
 def peak_rss_mb():
@@ -345,7 +382,8 @@ def build_parser():
     p.add_argument("--dataset", required=False, help="dataset name (folder under --data-path)")
     p.add_argument("--data-path", default="data", help="folder holding <dataset>/ atomic and feature files")
     p.add_argument("--models", default="all", help="comma list of rows, fnmatch patterns or groups "
-                   f"({', '.join(['all', *MODEL_GROUPS])}); default all")
+                   f"({', '.join(['all', 'single', *MODEL_GROUPS])}); default all (single-size rows <row>-single-<m> "
+                   "only when an item says 'single')")
     p.add_argument("--seeds", type=int, default=1, help="seeds per row (mean +- std over them)")
     p.add_argument("--seed-base", type=int, default=2020, help="first seed; seeds are base, base+1, ...")
     p.add_argument("--max-epochs", type=int, default=None, help="cap on epochs (default: common.yaml's epochs)")
@@ -384,16 +422,21 @@ def split_overrides(items):
 def plan(args, argv):
     """The jobs of this invocation: (row, seed) -> job dict, plus rows that cannot run."""
     settings = load_settings(args.dataset)
-    rows = resolve_rows(args.models, list(settings["rows"]))
     device_type = args.device.split(":")[0]
     tag = args.tag or device_type
     common, per_row = split_overrides(args.set)
+
+    def overrides_for(row):  # a ROW:KEY=VALUE pattern also reaches that row's single-size twins
+        names = {row, settings["rows"][row].get("single_of", row)}
+        return common + [(k, v) for pat, k, v in per_row if any(fnmatch.fnmatchcase(n, pat) for n in names)]
+
+    settings["rows"].update(single_size_rows(settings, device_type, overrides_for))
+    rows = resolve_rows(args.models, list(settings["rows"]))
     command = "python benchmarks/run_benchmark.py " + " ".join(shlex.quote(a) for a in argv)
     budget = args.max_train_minutes * 60 if args.max_train_minutes else None
     jobs, skipped = [], []
     for row in rows:
-        overrides = common + [(k, v) for pat, k, v in per_row if fnmatch.fnmatchcase(row, pat)]
-        model, config = row_config(settings, row, device_type, overrides, args.max_epochs)
+        model, config = row_config(settings, row, device_type, overrides_for(row), args.max_epochs)
         config["data_path"] = str(Path(args.data_path).resolve())
         reason = unavailable_reason(settings, row, model, config, config["data_path"], args.dataset)
         if reason:

@@ -18,7 +18,7 @@ from recbole.utils import InputType
 from torch import nn
 from torch.nn import functional as F
 
-from recbole_fmrl.data.modality import modality_parts
+from recbole_fmrl.data.modality import has_id_table, modality_parts
 from recbole_fmrl.model.fusion import FeatureFusion, IdEmbedding
 from recbole_fmrl.model.labels import labelled_states
 from recbole_fmrl.model.loss import matryoshka_cross_entropy, matryoshka_logits
@@ -59,6 +59,8 @@ class FMRLRec(SequentialRecommender):
         self.attn_dropout_prob = config["attn_dropout_prob"]
         self.sizes = check_sizes(config["fmrl_sizes"] or default_sizes(self.hidden_size), self.hidden_size)
         weights = config["fmrl_size_weights"] or [1.0] * len(self.sizes)
+        if isinstance(weights, dict):  # {size: weight}: unlisted sizes weigh 1, so one setting fits any d
+            weights = [float(weights.get(m, weights.get(str(m), 1.0))) for m in self.sizes]
         if len(weights) != len(self.sizes) or min(weights) < 0 or sum(weights) <= 0:
             raise ValueError(f"fmrl_size_weights: need {len(self.sizes)} non-negative weights, got {weights}")
         self.modality = dataset.fmrl_modality if hasattr(dataset, "fmrl_modality") else config["fmrl_modality"]
@@ -74,7 +76,8 @@ class FMRLRec(SequentialRecommender):
             if not hasattr(dataset, "item_features"):
                 raise ValueError(f"fmrl_modality={self.modality!r} needs FMRLDataset (build the run with recbole_fmrl.train.driver.prepare)")
             features = dataset.item_features(parts, config["fmrl_feature_norm"] or "none")
-            self.item_encoder = FeatureFusion(features, self.hidden_size)
+            ids = self.n_items if has_id_table(self.modality) else None  # text_id etc.: + a learned ID table
+            self.item_encoder = FeatureFusion(features, self.hidden_size, n_items=ids)
         else:
             self.item_encoder = IdEmbedding(self.n_items, self.hidden_size)
         self.input_dropout = nn.Dropout(self.hidden_dropout_prob)
@@ -91,12 +94,15 @@ class FMRLRec(SequentialRecommender):
         return super().train(mode)
 
     def item_table(self):
-        """Projected item table [N+1 d]; computed once per step, cached once per evaluation pass."""
+        """Projected item table [N+1 d]; computed once per step. In eval mode it is cached for as long
+        as the item encoder's tensors are unchanged: keyed on each one's storage and in-place version
+        counter, so an optimiser step, ``load_state_dict`` or an in-place edit recomputes it."""
         if self.training:
             return self.item_encoder()
-        if self._table_cache is None:  # evaluation only: no gradient needed
-            self._table_cache = self.item_encoder().detach()
-        return self._table_cache
+        key = tuple((t.data_ptr(), t._version) for t in (*self.item_encoder.parameters(), *self.item_encoder.buffers()))
+        if self._table_cache is None or self._table_cache[0] != key:  # evaluation only: no gradient needed
+            self._table_cache = (key, self.item_encoder().detach())
+        return self._table_cache[1]
 
     def encode(self, item_seq, item_seq_len, table=None):
         """Final hidden states of the real tokens [V d] and their Packing (padding is skipped)."""
@@ -178,7 +184,7 @@ class FMRLRec(SequentialRecommender):
         config = copy.copy(config)
         config.final_config_dict = dict(config.final_config_dict, hidden_size=size,
                                         fmrl_sizes=self.sizes[: self.sizes.index(size) + 1])
-        if config["fmrl_size_weights"]:
+        if config["fmrl_size_weights"] and not isinstance(config["fmrl_size_weights"], dict):
             config.final_config_dict["fmrl_size_weights"] = config["fmrl_size_weights"][: self.sizes.index(size) + 1]
         reference = next(self.parameters())
         small = type(self)(config, dataset).to(device=reference.device, dtype=reference.dtype)
