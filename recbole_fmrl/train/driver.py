@@ -130,6 +130,8 @@ def fit_and_evaluate(config, net, trainer, data, saved=True, on_evaluation=None,
                                         model_file=trainer.saved_model_file if saved else None, show_progress=show)
     if sizes is not None:
         logger.info("\n" + size_table(sizes))
+        if saved and distributed.is_main():  # the best checkpoint carries its per-size metrics (export manifests)
+            checkpoint.attach(trainer.saved_model_file, size_results=sizes)
     logger.info(set_color("best valid ", "yellow") + f": {valid}")
     logger.info(set_color("test result", "yellow") + f": {test}")
     return {
