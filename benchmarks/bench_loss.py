@@ -20,9 +20,7 @@ also sees allocator caching and page-fault behaviour.
 """
 import argparse
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 
@@ -179,7 +177,7 @@ def main():
         if row_blocks:
             variants.append(("single-pass, size d only, compiled kernel", single(0, sz=[d])))
         times = {name: [] for name, _ in variants}
-        for name, fn in variants:  # warm-up
+        for _, fn in variants:  # warm-up
             fn()
         for r in range(args.reps):  # interleaved so that load changes hit all variants alike
             for name, fn in variants:

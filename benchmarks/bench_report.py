@@ -192,7 +192,7 @@ def plot_sizes(path, dataset, series_by_tag):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for tag, (row, n, series) in series_by_tag.items():
+    for tag, (row, _, series) in series_by_tag.items():
         sizes = [s for s, _, _ in series]
         for ax, family, ks in ((axes[0], "recall", (10, 20, 50)), (axes[1], "ndcg", (10, 20, 50))):
             for k in ks:
@@ -265,7 +265,9 @@ def nested_markdown(pairs, png_name):
     for (tag, row), pairs_ in pairs.items():
         lines += [f"### {row} ({tag})", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for p in pairs_:
-            ratio = lambda key: "" if p[key] is None else f"{p[key]:.2f}"  # noqa: E731
+            def ratio(key, p=p):
+                return "" if p[key] is None else f"{p[key]:.2f}"
+
             cells = [p["size"], f"{p['nested_seeds']} / {p['single_seeds']}",
                      fmt_metric(p["test_ndcg@10_nested"], p["test_ndcg@10_nested_std"]),
                      fmt_metric(p["test_ndcg@10_single"], p["test_ndcg@10_single_std"]), ratio("test_ndcg@10_ratio"),

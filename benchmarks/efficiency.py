@@ -13,7 +13,6 @@ time), peak resident memory growth during training, FLOPs of one step counted by
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -99,6 +98,7 @@ def flop_counter():
 def worker(args):
     """Measure one variant; print one JSON line."""
     import torch
+
     from recbole_fmrl.train.driver import prepare
 
     torch.set_num_threads(args.threads)
@@ -243,7 +243,7 @@ def run_variant(args, spec):
           (["--full-epoch"] if args.full_epoch else [])
     set_offline_defaults()  # the child inherits them
     proc = subprocess.run(cmd, capture_output=True, text=True)
-    line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+    line = next((out for out in proc.stdout.splitlines() if out.startswith("RESULT ")), None)
     if line is None:
         print(proc.stdout[-2000:], proc.stderr[-4000:])
         return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
@@ -281,14 +281,14 @@ def report(args, results, sizes, hw, torch_version):
         a = ok["all-sizes"]
         lines += ["", "## Ratios (targets in brackets)", ""]
         for kind, what in (("plain", "plain CE on materialised logits"), ("fused", "this project's fused loss")):
-            l = ok.get(f"largest-{kind}")
-            if l is None:
+            largest = ok.get(f"largest-{kind}")
+            if largest is None:
                 continue
-            lines.append(f"- all sizes / largest alone ({what}), epoch time: **{epoch_time(a)/epoch_time(l):.2f}** "
-                         f"(<= 1.2); peak memory: **{peak_mib(a)/max(peak_mib(l), 1e-9):.2f}** (<= 1.2)")
+            lines.append(f"- all sizes / largest alone ({what}), epoch time: **{epoch_time(a)/epoch_time(largest):.2f}** "
+                         f"(<= 1.2); peak memory: **{peak_mib(a)/max(peak_mib(largest), 1e-9):.2f}** (<= 1.2)")
             alone = [ok.get(f"alone-{m}-{kind}") for m in sizes[:-1]]
             if all(alone):
-                total = sum(epoch_time(r) for r in alone) + epoch_time(l)
+                total = sum(epoch_time(r) for r in alone) + epoch_time(largest)
                 lines.append(f"- all sizes / independent training of every size ({what}, sum of {len(sizes)} "
                              f"epochs): **{epoch_time(a)/total:.2f}** (<= 0.4)")
         bound = a["flops_per_step"] * a["steps_per_epoch"] / a["gemm_flops"]

@@ -11,7 +11,6 @@ ID embedding learned from the interactions.
     python benchmarks/probe_text_knn.py --data-path data --dataset amazon-beauty --modality text
 """
 import argparse
-import math
 import sys
 from pathlib import Path
 

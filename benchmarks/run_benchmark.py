@@ -236,8 +236,8 @@ def atomic_write_json(path, data):
 def execute(job):
     """Train one (row, seed) through the shared driver, test the best checkpoint; return the result dict."""
     import torch
-    from dataset_tools.item_features import build_missing_item_features
 
+    from dataset_tools.item_features import build_missing_item_features
     from recbole_fmrl.train.driver import StopTraining, fit_and_evaluate, prepare
 
     torch.set_num_threads(job["threads"])

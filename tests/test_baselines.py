@@ -11,7 +11,6 @@ from torch.nn import functional as F
 
 from recbole_fmrl.model import fmrlrec as fmrlrec_module
 from recbole_fmrl.model.fmlprec import FilterLayer, FMLPRec
-from recbole_fmrl.model.lru import LRULayer
 from recbole_fmrl.train.driver import prepare, run
 from tests.conftest import write_tiny_dataset
 

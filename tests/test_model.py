@@ -3,9 +3,9 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from recbole_fmrl.train import checkpoint
 from recbole_fmrl.data import features as feature_files
 from recbole_fmrl.model.lru import Packing
+from recbole_fmrl.train import checkpoint
 from recbole_fmrl.train.driver import prepare, run
 from tests.conftest import write_tiny_dataset
 

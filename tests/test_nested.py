@@ -2,8 +2,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from recbole_fmrl.model.nested import (NestedLayerNorm, NestedLinear, check_sizes, default_sizes,
-                                       nested_numel, staircase_mask)
+from recbole_fmrl.model.nested import NestedLayerNorm, NestedLinear, check_sizes, default_sizes, nested_numel, staircase_mask
 
 SIZES = [8, 16, 32, 64]
 

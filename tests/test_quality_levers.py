@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from recbole.data.interaction import Interaction
 from torch.nn import functional as F
 
 from recbole_fmrl.data.modality import has_id_table, modality_parts

@@ -9,10 +9,10 @@ import pytest
 import torch
 import yaml
 
+from recbole_fmrl.train.driver import run
 from recbole_fmrl.tune import search as tune_search
 from recbole_fmrl.tune import space as tune_space
 from recbole_fmrl.tune import trial as tune_trial
-from recbole_fmrl.train.driver import run
 
 TINY = {"hidden_size": 16, "fmrl_sizes": [8, 16], "epochs": 3, "stopping_step": 10, "train_batch_size": 16,
         "eval_batch_size": 64, "state": "INFO", "topk": [5, 10, 20], "MAX_ITEM_LIST_LENGTH": 20, "seed": 7,

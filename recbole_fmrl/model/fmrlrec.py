@@ -169,7 +169,7 @@ class FMRLRec(SequentialRecommender):
         return counted + sum(p.numel() for p in model.parameters() if p.requires_grad and id(p) not in skip)
 
     def __str__(self):
-        return (super().__str__() + f"\nNested (non-zero block) parameters per size: "
+        return (super().__str__() + "\nNested (non-zero block) parameters per size: "
                 + ", ".join(f"{m}: {self.nested_parameter_count(m):,}" for m in self.sizes))
 
     def submodel(self, size):

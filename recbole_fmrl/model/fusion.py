@@ -11,6 +11,7 @@ hidden dim i, so the size-m model's table is E_id[:, :m] (the first m dims of ev
 import torch
 from torch import nn
 
+
 class FeatureFusion(nn.Module):
     """Projects concatenated frozen features [N+1, F] to the hidden size; row 0 is padding."""
 

@@ -158,7 +158,7 @@ class _MatryoshkaCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, items, labels, sizes, chunk_size):
         plan = _Plan(sizes)
-        K, (P, d), N = plan.K, hidden.shape, items.shape[0]
+        K, P, N = plan.K, hidden.shape[0], items.shape[0]
         c = min(chunk_size, N)
         hidden_c, items_c = hidden.contiguous(), items.contiguous()
         label_logit = _label_logits(hidden_c, items_c, labels, plan.bounds)  # [K, P]

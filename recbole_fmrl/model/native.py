@@ -117,7 +117,7 @@ def load():
             if not _state["warned"]:
                 _state["warned"] = True
                 warnings.warn(f"recbole_fmrl: compiled loss kernel unavailable, using the PyTorch path "
-                              f"(slower): {_state['error']}")
+                              f"(slower): {_state['error']}", stacklevel=2)
     return _state["lib"]
 
 

@@ -24,6 +24,7 @@ from recbole_fmrl.environment import set_offline_defaults
 from recbole_fmrl.tune.search import run_search
 from recbole_fmrl.tune.space import SCHEDULERS, SEARCHES, build_job
 
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         prog="run_recbole_fmrl.py tune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

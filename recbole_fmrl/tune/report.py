@@ -10,6 +10,7 @@ import yaml
 from recbole_fmrl.tune.space import TRIAL_KEYS, plain, trial_config_dict
 from recbole_fmrl.tune.trial import SCORE
 
+
 def _trial_params(result, job, saved_config=None):
     """The sampled values of a trial (also for trials that failed before their first report)."""
     params = result.config or saved_config

@@ -6,7 +6,7 @@ import warnings
 from pathlib import Path
 
 from recbole_fmrl.environment import forwarded_env
-from recbole_fmrl.tune.report import read_best_weights, result_rows, best_config, write_outputs
+from recbole_fmrl.tune.report import best_config, read_best_weights, result_rows, write_outputs
 from recbole_fmrl.tune.space import make_config, ray_param_space
 from recbole_fmrl.tune.trial import SCORE, evaluate_checkpoint, ray_device_overrides, train_trial
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from recbole_fmrl.train.driver import evaluate_sizes, prepare
 from recbole_fmrl.train import registry
+from recbole_fmrl.train.driver import evaluate_sizes, prepare
 from recbole_fmrl.tune.space import make_config, trial_config_dict
 
 SCORE = "best_valid_score"  # the metric Tune selects and schedules on: best validation score so far
