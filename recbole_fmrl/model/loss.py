@@ -11,7 +11,7 @@ chunk's logits (Cut-Cross-Entropy / Liger style, generalised to nested sizes). W
 one ``[K, P, chunk]`` buffer; the autograd context saves only the inputs and the ``[K, P]``
 log-sum-exp.
 
-Implementation notes (CPU, measured in ``benchmarks/bench_loss.py``):
+Implementation notes (timings: ``benchmarks/bench_loss.py`` -> ``results/loss_bench.md``):
 
 * The shift of the exponentials is folded into the GEMMs: the item chunk gets a column of ones in
   front of every block and the hidden states a column holding ``-shift``, so each GEMM writes
@@ -52,17 +52,14 @@ import torch.nn.functional as F
 from recbole_fmrl.model import native as native_kernel
 
 # Elements of the [K, P, c] working buffer per chunk used when chunk_size == 0 (auto): ~32 MB in
-# fp32 (P=2800, N=12101: c=512 at K=6, c=768 at K=4). On the shared 2-core Xeon c=256 was best
-# single-threaded and c=1024 best with 2 threads under heavy load (fewer ops); larger
-# chunks fall out of cache, smaller ones pay per-op overhead.
+# fp32. Larger chunks fall out of cache, smaller ones pay per-op overhead (results/loss_bench.md).
 AUTO_BUFFER_ELEMS = 8 * 1024 * 1024
 # Elements of the [K, r, N] working buffer of the single-pass path (rows per block r) when
 # row_block == 0 on CPU; measured in benchmarks/bench_loss.py.
 AUTO_ROW_BUFFER_ELEMS = 8 * 1024 * 1024
 # On CUDA, chunk_size == 0 materialises everything (the plain reference path) when the K*P*N
-# logits take at most this many bytes: the per-chunk Python loop is launch-bound there (measured
-# on an H200: 87 ms per step chunked vs 29 ms for plain CE). Above it the fused paths are used
-# with a working buffer of this size.
+# logits take at most this many bytes: the per-chunk Python loop is launch-bound on a GPU
+# (results/efficiency-cuda.md). Above it the fused paths are used with a working buffer of this size.
 CUDA_PLAIN_BYTES = 1 << 30
 # Below this many K*P*N logits the plain reference path is used when chunk_size == 0.
 AUTO_PLAIN_BELOW = 2 * 1024 * 1024
@@ -258,8 +255,8 @@ def auto_row_block(num_sizes, num_rows, num_items, buffer_elems=None, hidden_siz
     """Rows per block of the single-pass path when ``row_block == 0``: a ~``buffer_elems``
     (default ``AUTO_ROW_BUFFER_ELEMS``) ``[K, r, N]`` buffer, r a multiple of 8 unless tiny, and
     at least ``hidden_size / 4`` rows: every block re-reads and re-writes the ``[d, N]``
-    item-gradient accumulator, which at large d costs more than the buffer it saves (Beauty,
-    d = 1024, K = 8, 1,500 rows: 80 rows per block 1.60 s, 256 rows 1.30 s)."""
+    item-gradient accumulator, which at large d costs more than the buffer it saves
+    (results/efficiency-d1024.md)."""
     r = (buffer_elems or AUTO_ROW_BUFFER_ELEMS) / max(1, num_sizes * num_items)
     r = max(8, int(r // 8) * 8, int(hidden_size // 4) // 8 * 8)
     return max(1, min(r, num_rows))

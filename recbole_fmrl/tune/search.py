@@ -106,12 +106,65 @@ def init_ray(address=None, num_cpus=None):
     return True
 
 
-def run_search(job, *, address=None, num_cpus=None, resume="auto", retry_errored=False, evaluate_test=True,
-               verbose=1, report_every=30, feature_builder=None):
-    """Run (or resume) a search; write results.csv/.md, best.yaml and selected.json; return a summary dict."""
-    import ray
+def _new_tuner(job, config, metric, mode, verbose, report_every):
+    """A fresh Tuner for the job (its settings stored beside the experiment for resume)."""
     from ray import air, tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    exp_dir = Path(job["storage_path"]) / job["name"]
+    exp_dir.mkdir(parents=True, exist_ok=True)
+    (exp_dir / JOB_FILE).write_text(json.dumps(job, indent=1))
+    return tune.Tuner(
+        make_trainable(job),
+        param_space=ray_param_space(job["space"], job["search"]),
+        tune_config=tune.TuneConfig(
+            metric=SCORE, mode=mode, num_samples=job["num_samples"], scheduler=_scheduler(job, config),
+            search_alg=BasicVariantGenerator(random_state=job["search_seed"]),
+            max_concurrent_trials=job["max_concurrent"], reuse_actors=True,
+            trial_dirname_creator=_trial_dirname, trial_name_creator=_trial_dirname),
+        run_config=air.RunConfig(
+            name=job["name"], storage_path=job["storage_path"], verbose=verbose,
+            failure_config=air.FailureConfig(max_failures=job["max_failures"]),
+            checkpoint_config=air.CheckpointConfig(num_to_keep=1),
+            progress_reporter=_reporter(job, metric, mode, report_every)))
+
+
+def _fit_quietly(tuner):
+    """``tuner.fit()`` with Ray's classic progress table (chosen columns, sorted by the metric)."""
+    previous = os.environ.get("RAY_AIR_NEW_OUTPUT")
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    try:
+        return tuner.fit()
+    finally:
+        if previous is None:
+            os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
+        else:
+            os.environ["RAY_AIR_NEW_OUTPUT"] = previous
+
+
+def _select(job, rows, metric, exp_dir, evaluate_test):
+    """The best finished trial (validation only) and, once, its best checkpoint's test metrics."""
+    import ray
+
+    best = next((r for r in rows if r["status"] == "TERMINATED" and r.get("_checkpoint")), None)
+    best_bytes = read_best_weights(best["_checkpoint"]) if best is not None else None
+    if best_bytes is None:
+        return None
+    selected = {"trial_id": best["trial_id"], "trial_dir": best["trial_dir"], "params": best["_params"],
+                "best_epoch": best["best_epoch"], "reported_valid_score": best[SCORE],
+                "valid_metric": metric, "config": best_config(job, best["_params"])}
+    if evaluate_test:
+        task = ray.remote(_evaluate_task).options(num_cpus=job["resources"]["cpu"],
+                                                  num_gpus=job["resources"]["gpu"], max_retries=0)
+        selected.update(ray.get(task.remote(job, best["_params"], best_bytes, str(exp_dir / "selected"))))
+    return selected
+
+
+def run_search(job, *, address=None, num_cpus=None, resume="auto", retry_errored=False, evaluate_test=True,
+               verbose=1, report_every=30, feature_builder=None) -> dict:
+    """Run (or resume) a search; write results.csv/.md, best.yaml and selected.json; return a summary dict."""
+    import ray
+    from ray import tune
 
     exp_dir = Path(job["storage_path"]) / job["name"]
     started = init_ray(address, num_cpus)
@@ -126,51 +179,17 @@ def run_search(job, *, address=None, num_cpus=None, resume="auto", retry_errored
             print(f"resuming {exp_dir} (the stored search settings are used)")
         config = _driver_config(job, feature_builder)
         metric, mode = config["valid_metric"].lower(), _mode(config)
-        if restorable:
-            tuner = tune.Tuner.restore(str(exp_dir), trainable=make_trainable(job), resume_unfinished=True,
-                                       resume_errored=retry_errored)
-        else:
-            exp_dir.mkdir(parents=True, exist_ok=True)
-            (exp_dir / JOB_FILE).write_text(json.dumps(job, indent=1))
-            tuner = tune.Tuner(
-                make_trainable(job),
-                param_space=ray_param_space(job["space"], job["search"]),
-                tune_config=tune.TuneConfig(
-                    metric=SCORE, mode=mode, num_samples=job["num_samples"], scheduler=_scheduler(job, config),
-                    search_alg=BasicVariantGenerator(random_state=job["search_seed"]),
-                    max_concurrent_trials=job["max_concurrent"], reuse_actors=True,
-                    trial_dirname_creator=_trial_dirname, trial_name_creator=_trial_dirname),
-                run_config=air.RunConfig(
-                    name=job["name"], storage_path=job["storage_path"], verbose=verbose,
-                    failure_config=air.FailureConfig(max_failures=job["max_failures"]),
-                    checkpoint_config=air.CheckpointConfig(num_to_keep=1),
-                    progress_reporter=_reporter(job, metric, mode, report_every)))
+        tuner = (tune.Tuner.restore(str(exp_dir), trainable=make_trainable(job), resume_unfinished=True,
+                                    resume_errored=retry_errored) if restorable
+                 else _new_tuner(job, config, metric, mode, verbose, report_every))
         start = time.perf_counter()
-        previous = os.environ.get("RAY_AIR_NEW_OUTPUT")
-        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # the classic table: chosen columns, sorted by the metric
-        try:
-            grid = tuner.fit()
-        finally:
-            if previous is None:
-                os.environ.pop("RAY_AIR_NEW_OUTPUT", None)
-            else:
-                os.environ["RAY_AIR_NEW_OUTPUT"] = previous
+        grid = _fit_quietly(tuner)
         search_seconds = time.perf_counter() - start
         rows = result_rows(grid, job, metric, mode)
         unfinished = [r["trial_id"] for r in rows if r["status"] not in ("TERMINATED", "ERROR")]
         if unfinished:
             print(f"search interrupted ({len(unfinished)} trials unfinished): rerun the same command to resume {exp_dir}")
-        selected = None
-        best = next((r for r in rows if r["status"] == "TERMINATED" and r.get("_checkpoint")), None)
-        best_bytes = read_best_weights(best["_checkpoint"]) if best is not None and not unfinished else None
-        if best_bytes is not None:
-            selected = {"trial_id": best["trial_id"], "trial_dir": best["trial_dir"], "params": best["_params"],
-                        "best_epoch": best["best_epoch"], "reported_valid_score": best[SCORE],
-                        "valid_metric": metric, "config": best_config(job, best["_params"])}
-            if evaluate_test:
-                task = ray.remote(_evaluate_task).options(num_cpus=job["resources"]["cpu"],
-                                                          num_gpus=job["resources"]["gpu"], max_retries=0)
-                selected.update(ray.get(task.remote(job, best["_params"], best_bytes, str(exp_dir / "selected"))))
+        selected = None if unfinished else _select(job, rows, metric, exp_dir, evaluate_test)
         total_seconds = time.perf_counter() - start
         summary = write_outputs(exp_dir, job, rows, selected, metric, mode, search_seconds, total_seconds)
         summary["result_grid"] = grid
