@@ -99,6 +99,15 @@ def load(path, map_location="cpu"):
         raise InputError(f"{path}: cannot load as a recbole_fmrl checkpoint ({str(err).strip().splitlines()[0]})") from err
 
 
+def attach(path, **fields):
+    """Add plain-value fields to a saved checkpoint, atomically (e.g. the per-size results of its weights,
+    which an export copies into each artifact's manifest)."""
+    state = load(path)
+    state.update({key: plain(value) for key, value in fields.items()})
+    with atomic_write.atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
 def rng_state(train_data=None):
     """Every random generator a training epoch draws from, as tensors and plain values."""
     version, mt, gauss = random.getstate()

@@ -1,0 +1,136 @@
+"""The artifact folder format: one self-contained folder per exported size.
+
+    manifest.json   format name/version, size, sha256 + bytes of every other file, parameter
+                    counts, dataset, git commit, per-size metrics when known, model_args
+    model.pt        {"model_args": {...}, "state_dict": {...}}: the size-m network and its
+                    projected item table [N+1, m] (``torch.load(weights_only=True)``)
+    items.json      raw item ids in internal-id order (row 0 is padding) and titles (or null)
+    model.onnx      optional: the same network for onnxruntime
+
+A folder is written under a temporary name and renamed into place, so a reader never sees a
+half-written artifact. Reading verifies the format version and every file's sha256 first; every
+problem is an ``ArtifactError`` with a one-line message naming the file.
+"""
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+FORMAT = "recbole_fmrl-artifact"
+FORMAT_VERSION = 1
+MANIFEST, WEIGHTS, ITEMS, ONNX = "manifest.json", "model.pt", "items.json", "model.onnx"
+
+
+class ArtifactError(ValueError):
+    """An artifact folder is missing, damaged or of another format version."""
+
+
+def sha256_file(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_table(folder):
+    """{name: {"sha256", "bytes"}} of every file in ``folder`` except the manifest."""
+    folder = Path(folder)
+    return {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+            for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
+
+
+@contextlib.contextmanager
+def staging(target):
+    """Yield a temporary folder next to ``target``; on success it replaces ``target`` atomically."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes a private folder; an artifact is an ordinary one
+        yield tmp
+        old = None
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+            os.replace(target, old / "artifact")
+        os.replace(tmp, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_manifest(folder, manifest):
+    """Hash every file in ``folder`` and write the manifest (call last, inside ``staging``)."""
+    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest, "files": file_table(folder)}
+    (Path(folder) / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return manifest
+
+
+def read_manifest(folder):
+    path = Path(folder) / MANIFEST
+    if not Path(folder).is_dir():
+        raise ArtifactError(f"{folder}: not an artifact folder (no such directory)")
+    if not path.is_file():
+        raise ArtifactError(f"{path}: manifest not found (not an exported artifact?)")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ArtifactError(f"{path}: damaged manifest (not valid JSON: {str(err).splitlines()[0]})") from err
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ArtifactError(f"{path}: not a {FORMAT} manifest")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(f"{path}: unknown format version {manifest.get('format_version')!r} "
+                            f"(this recbole_fmrl reads version {FORMAT_VERSION})")
+    return manifest
+
+
+def verify(folder, manifest, names=None):
+    """Check size and sha256 of the listed files (default: all) against the manifest."""
+    for name, meta in manifest.get("files", {}).items():
+        if names is not None and name not in names:
+            continue
+        path = Path(folder) / name
+        if not path.is_file():
+            raise ArtifactError(f"{path}: missing (listed in the manifest)")
+        if path.stat().st_size != meta["bytes"]:
+            raise ArtifactError(f"{path}: {path.stat().st_size} bytes, the manifest says {meta['bytes']} (truncated or damaged)")
+        if sha256_file(path) != meta["sha256"]:
+            raise ArtifactError(f"{path}: sha256 mismatch with the manifest (damaged or modified)")
+
+
+def read(folder):
+    """(manifest, {"model_args", "state_dict"}, items) of a verified artifact folder."""
+    manifest = read_manifest(folder)
+    for name in (WEIGHTS, ITEMS):
+        if name not in manifest.get("files", {}):
+            raise ArtifactError(f"{Path(folder) / MANIFEST}: does not list {name}")
+    verify(folder, manifest, names={WEIGHTS, ITEMS})
+    try:
+        weights = torch.load(Path(folder) / WEIGHTS, map_location="cpu", weights_only=True)
+        items = json.loads((Path(folder) / ITEMS).read_text(encoding="utf-8"))
+    except Exception as err:  # verified bytes that still do not load: a writer bug, say so plainly
+        raise ArtifactError(f"{folder}: cannot load ({type(err).__name__}: {str(err).splitlines()[0]})") from err
+    return manifest, weights, items
+
+
+def size_folders(root):
+    """{size: folder} of the artifacts directly under an export root (or the folder itself)."""
+    root = Path(root)
+    if (root / MANIFEST).is_file():
+        return {int(read_manifest(root)["size"]): root}
+    found = {}
+    for child in sorted(root.glob("size-*")) if root.is_dir() else []:
+        if (child / MANIFEST).is_file():
+            found[int(read_manifest(child)["size"])] = child
+    if not found:
+        raise ArtifactError(f"{root}: no artifact here (no manifest.json, no size-*/manifest.json)")
+    return dict(sorted(found.items()))

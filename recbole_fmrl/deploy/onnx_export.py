@@ -1,0 +1,88 @@
+"""ONNX export of an artifact's network and an onnxruntime scorer (optional extra ``deploy``).
+
+The graph maps right-padded internal ids ``items`` [B, L] (int64) and ``lengths`` [B] (int64) to
+``scores`` [B, N+1] (float32); B and L are dynamic. The whole size-m forward exports: the LRU runs
+on real/imaginary pairs (ONNX has no complex tensors) with its Toeplitz kernel built inside the
+graph from the stored log-parameters. The streaming step is not exported (it is a few GEMVs; a
+serving stack that wants it in ONNX can export ``ServingBlock.step`` the same way).
+"""
+import io
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from recbole_fmrl.deploy.runtime import ServingNet
+
+OPSET = 17
+
+
+class _Scores(nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, items, lengths):
+        return self.net.scores(self.net(items, lengths))
+
+
+def onnx_bytes(net):
+    """Serialized ONNX model of ``net`` (a ServingNet, cast to float32 in place; traced with the Toeplitz scan).
+
+    The graph holds the causal kernels for MAX_ITEM_LIST_LENGTH steps: inputs may be at most that long.
+    """
+    model = _Scores(net.float().eval())
+    example = (torch.ones(2, 3, dtype=torch.long), torch.tensor([3, 1]))
+    buffer = io.BytesIO()
+    for block in net.blocks:  # the recurrence would unroll to the example's length: use the Toeplitz form
+        block.toeplitz = True
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # the TorchScript exporter announces its deprecation
+            torch.onnx.export(model, example, buffer, input_names=["items", "lengths"], output_names=["scores"],
+                              dynamic_axes={"items": {0: "batch", 1: "length"}, "lengths": {0: "batch"},
+                                            "scores": {0: "batch"}}, opset_version=OPSET, dynamo=False)
+    finally:
+        for block in net.blocks:
+            block.toeplitz = False
+    return buffer.getvalue()
+
+
+def write_onnx(args, weights, path):
+    net = ServingNet(args)
+    net.load_state_dict(weights)
+    Path(path).write_bytes(onnx_bytes(net))
+
+
+class OnnxScorer:
+    """Scores from an ONNX file (or bytes) under onnxruntime, single-threaded by default."""
+
+    def __init__(self, model, threads=1):
+        try:
+            import onnxruntime
+        except ImportError as err:
+            raise ImportError("onnxruntime is not installed: pip install 'recbole_fmrl[deploy]'") from err
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = options.inter_op_num_threads = threads
+        source = str(model) if isinstance(model, (str, Path)) else model
+        self.session = onnxruntime.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+    def __call__(self, items, lengths):
+        """items [B L], lengths [B] (numpy or torch, int64) -> scores [B N+1] (numpy float32)."""
+        feed = {"items": _numpy(items), "lengths": _numpy(lengths)}
+        return self.session.run(["scores"], feed)[0]
+
+
+def _numpy(x):
+    import numpy as np
+
+    return np.ascontiguousarray(x.numpy() if isinstance(x, torch.Tensor) else x, dtype=np.int64)
+
+
+def artifact_to_onnx(folder, path):
+    """Write the ONNX graph of an exported artifact (verified on load) to ``path``."""
+    from recbole_fmrl.deploy.recommender import Recommender
+
+    Path(path).write_bytes(onnx_bytes(Recommender.load(folder).net))
+    return Path(path)

@@ -1,0 +1,130 @@
+"""Serving API: ``Recommender.load(folder).recommend(histories, k)`` with raw item ids in and out.
+
+``folder`` is one exported size (``.../size-64``) or an export root (then the largest size, or
+``size=``). Histories are lists of raw item ids, oldest first. The network sees the last
+MAX_ITEM_LIST_LENGTH items (``context="window"``, what it was trained and evaluated on) or the whole
+history (``context="full"``, the LRU recurrence). Any nested size up to the artifact's own can
+serve (``size=``), and ``funnel="32:200,256"`` shortlists with a small size and reranks.
+"""
+import torch
+
+from recbole_fmrl.deploy import artifact, streaming
+from recbole_fmrl.deploy import funnel as funnels
+from recbole_fmrl.deploy.runtime import ServingNet
+
+
+class UnknownItemError(ValueError):
+    """A history holds item ids the artifact does not know."""
+
+
+class Recommender:
+    def __init__(self, net, items, manifest, folder):
+        self.net, self.manifest, self.folder = net.eval(), manifest, folder
+        self.item_ids = list(items["item_ids"])
+        self.titles = items.get("titles")
+        self.index = {token: i for i, token in enumerate(self.item_ids) if i > 0}  # row 0 is padding
+        self.window = int(net.args["max_seq_length"])
+        self.size = net.size
+
+    @classmethod
+    def load(cls, folder, size=None):
+        folders = artifact.size_folders(folder)
+        chosen = max(folders) if size is None else min((m for m in folders if m >= size), default=None)
+        if chosen is None:
+            raise artifact.ArtifactError(f"{folder}: no artifact of size >= {size} (has {sorted(folders)})")
+        manifest, weights, items = artifact.read(folders[chosen])
+        try:
+            net = ServingNet(weights["model_args"])
+            net.load_state_dict(weights["state_dict"])
+        except (KeyError, RuntimeError, TypeError) as err:
+            raise artifact.ArtifactError(f"{folders[chosen]}: weights do not match model_args "
+                                         f"({str(err).splitlines()[0]})") from err
+        if len(items.get("item_ids", ())) != net.item_table.shape[0]:
+            raise artifact.ArtifactError(f"{folders[chosen]}: items.json lists {len(items.get('item_ids', ()))} "
+                                         f"ids for a {net.item_table.shape[0]}-row item table")
+        rec = cls(net, items, manifest, folders[chosen])
+        return rec if size is None else rec.at_size(size)
+
+    def at_size(self, size):
+        """The same artifact serving its nested size ``size`` (shares the weights)."""
+        net = self.net.truncate(size)
+        return Recommender(net, {"item_ids": self.item_ids, "titles": self.titles}, self.manifest, self.folder)
+
+    # -- ids ----------------------------------------------------------------------------------
+    def encode(self, history, skip_unknown=False):
+        """Internal ids of a raw-id history and how many unknown ids were skipped."""
+        ids = [self.index.get(str(token)) for token in history]
+        unknown = [str(t) for t, i in zip(history, ids) if i is None]
+        if unknown and not skip_unknown:
+            raise UnknownItemError(f"{len(unknown)} unknown item id(s) {unknown[:5]} (not in this artifact's "
+                                   f"{len(self.index)} items; skip them with skip_unknown / --skip-unknown)")
+        return [i for i in ids if i is not None], len(unknown)
+
+    def internal(self, token):
+        ids, _ = self.encode([token])
+        return ids[0]
+
+    # -- scoring ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def hidden(self, histories, context="window"):
+        """Last hidden states [B m] of internal-id histories (lists, oldest first)."""
+        streaming.check_context(context)
+        if any(len(h) == 0 for h in histories):
+            raise ValueError("a history is empty (no known items): nothing to recommend from")
+        if context == "window":
+            histories = [h[-self.window:] for h in histories]
+        lengths = torch.tensor([len(h) for h in histories])
+        items = torch.zeros(len(histories), int(lengths.max()), dtype=torch.long)
+        for row, h in enumerate(histories):
+            items[row, : len(h)] = torch.tensor(h)
+        if int(lengths.max()) > self.window:  # the full recurrence, without an L x L kernel
+            return streaming.run_recurrent(self.net, items, lengths)
+        return self.net(items, lengths)
+
+    @torch.no_grad()
+    def scores(self, histories, context="window"):
+        """Scores [B N+1] of every item (column 0 is padding) for internal-id histories."""
+        return self.net.scores(self.hidden(histories, context))
+
+    def excluded(self, histories, exclude_seen):
+        mask = torch.zeros(len(histories), len(self.item_ids), dtype=torch.bool)
+        mask[:, 0] = True
+        if exclude_seen:
+            for row, h in enumerate(histories):
+                mask[row, h] = True
+        return mask
+
+    def recommend(self, histories, k=10, exclude_seen=False, skip_unknown=False, context="window", funnel=None):
+        """Top-k per history: dicts with ``items`` (raw ids), ``titles``, ``scores``, ``skipped``."""
+        encoded = [self.encode(h, skip_unknown) for h in histories]
+        ids = [e[0] for e in encoded]
+        hidden = self.hidden(ids, context)
+        stages = funnels.parse_funnel(funnel) if funnel else [(self.size, None)]
+        if max(s for s, _ in stages) > self.size or any(s not in self.net.args["sizes"] for s, _ in stages):
+            raise ValueError(f"funnel {funnel!r}: stage sizes must be nested sizes {self.net.args['sizes']}")
+        top_ids, top_scores = funnels.funnel_topk(hidden, self.net.item_table, stages, k, self.excluded(ids, exclude_seen))
+        return [self.describe(i, s, skipped) for i, s, (_, skipped) in zip(top_ids.tolist(), top_scores.tolist(), encoded)]
+
+    def describe(self, ids, scores, skipped=0):
+        keep = [(i, s) for i, s in zip(ids, scores) if s != float("-inf")]
+        return {"items": [self.item_ids[i] for i, _ in keep],
+                "titles": [self.titles[i] for i, _ in keep] if self.titles else None,
+                "scores": [float(s) for _, s in keep], "skipped": skipped}
+
+    # -- streaming ----------------------------------------------------------------------------
+    def init_state(self, context="full"):
+        return streaming.init_state(self.net, context)
+
+    def step(self, state, item_id):
+        """Advance a user's state by one raw item id: (new state, scores [N+1] of every item)."""
+        state, hidden = streaming.step(self.net, state, self.internal(item_id), self.window)
+        return state, self.net.scores(hidden)[0]
+
+    def top(self, scores, k=10, exclude=()):
+        """Top-k of a score vector from ``step`` as a ``recommend``-style dict."""
+        scores = scores.clone()
+        scores[0] = float("-inf")
+        if exclude:
+            scores[[self.internal(t) for t in exclude]] = float("-inf")
+        top = torch.topk(scores, min(k, scores.shape[0]))
+        return self.describe(top.indices.tolist(), top.values.tolist())
