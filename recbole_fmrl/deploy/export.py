@@ -14,6 +14,7 @@ from torch.nn import functional as F
 
 from recbole_fmrl.deploy import artifact
 from recbole_fmrl.deploy.runtime import ServingNet
+from recbole_fmrl.model.nested import staircase_mask
 
 SERVING_KEYS = ("n_items", "n_layers", "ffn_ratio", "state_ratio", "layer_norm_eps", "max_seq_length")
 PROVENANCE_KEYS = ("modality", "feature_norm", "hidden_size")
@@ -88,15 +89,6 @@ def nested_boundaries(key, args):
     return next((v for suffix, v in table.items() if key.endswith(suffix)), None)
 
 
-def staircase(in_sizes, out_sizes):
-    mask = torch.zeros(out_sizes[-1], in_sizes[-1], dtype=torch.bool)
-    lo = 0
-    for i_k, o_k in zip(in_sizes, out_sizes):
-        mask[lo:o_k, :i_k] = True
-        lo = o_k
-    return mask
-
-
 def size_weights(state, table, size):
     """(serving model_args, state_dict, nested parameter count) of the size-``size`` model."""
     full = state["export"]["model_args"]
@@ -109,7 +101,7 @@ def size_weights(state, table, size):
         value = source[tuple(slice(0, n) for n in like.shape)].float().clone()
         bounds = nested_boundaries(key, args)
         if bounds is not None:
-            mask = staircase(*bounds)
+            mask = staircase_mask(*bounds)
             value = value * mask
             count += int(mask.sum())
         elif key != "item_table":
