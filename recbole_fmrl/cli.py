@@ -109,4 +109,5 @@ def main(argv: Optional[list] = None, feature_builder=None):
         if debug:
             raise
         message = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
-        raise SystemExit(f"error: {message} (--debug shows the traceback)") from None
+        print(f"error: {message} (--debug shows the traceback)", file=sys.stderr)
+        raise SystemExit(InputError.exit_code) from None

@@ -190,8 +190,8 @@ def run_cli(main, argv, capsys):
     try:
         code = main([str(a) for a in argv])
         message = ""
-    except SystemExit as exc:  # errors: SystemExit("error: ...") -> status 1, the message on stderr
-        code, message = (1, str(exc.code) + "\n") if isinstance(exc.code, str) else (exc.code, "")
+    except SystemExit as exc:  # errors: "error: ..." on stderr, status 2
+        code, message = exc.code, ""
     captured = capsys.readouterr()
     return code, captured.out, captured.err + message
 
@@ -223,7 +223,7 @@ def test_cli_export_recommend_and_batch(exported, tmp_path, capsys):
     recs = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
     assert [r["skipped"] for r in recs] == [0, 1] and recs[1]["user"] == "u1" and len(recs[0]["items"]) == 4
     code, _, err = run_cli(recommend_main, argv[:-3] + ["--funnel", "8:10,32"], capsys)  # no --skip-unknown
-    assert code == 1 and err.strip().startswith(f"error: {tmp_path / 'h.jsonl'}:2: 1 unknown item id(s) ['zzz']")
+    assert code == 2 and err.strip().startswith(f"error: {tmp_path / 'h.jsonl'}:2: 1 unknown item id(s) ['zzz']")
     assert not (tmp_path / "r.jsonl").read_text() == ""  # the earlier output is untouched
 
 
@@ -306,7 +306,7 @@ def test_command_line_error_is_one_line_with_a_failing_status(exported, tmp_path
     script = Path(__file__).resolve().parents[1] / "run_recbole_fmrl.py"
     done = subprocess.run([sys.executable, str(script), "recommend", "--artifact", str(tmp_path / "size-8"),
                            "--history", "105"], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 1 and done.stdout == ""
+    assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.strip().splitlines() == [f"error: {tmp_path / 'size-8' / artifact.WEIGHTS}: "
                                                 f"sha256 mismatch with the manifest (damaged or modified)"]
 

@@ -6,7 +6,7 @@
 
 Input lines are JSON objects with ``history`` (raw item ids, oldest first); other keys (a user id,
 say) are copied to the output line. Output lines: ``items``, ``titles``, ``scores``, ``skipped``.
-A failure ends in ``SystemExit("error: <one line>")``: exit status 1, one line on stderr.
+A failure ends in one line on stderr, ``error: <message>``, and exit status 2 (as every subcommand).
 """
 import argparse
 import json
@@ -14,13 +14,16 @@ import sys
 from pathlib import Path
 
 from recbole_fmrl import atomic_write
+from recbole_fmrl.errors import InputError
 
 BATCH = 256
 
 
 def fail(err):
+    """One line on stderr and the command line's input-error status (as every other subcommand)."""
     lines = str(err).strip().splitlines() or [type(err).__name__]
-    raise SystemExit(f"error: {lines[0]}")
+    print(f"error: {lines[0]}", file=sys.stderr)
+    raise SystemExit(InputError.exit_code)
 
 
 def export_parser():
