@@ -30,7 +30,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from recbole_fmrl.environment import set_offline_defaults  # noqa: E402
+from recbole_fmrl.environment import cpu_name, set_offline_defaults  # noqa: E402
 
 BEAUTY_ITEMS = 12_101
 MEAN_LENGTH, WINDOW = 9, 50
@@ -258,7 +258,7 @@ def samples_per_second(args, n_items=BEAUTY_ITEMS, d=256):
 def hardware():
     import torch
 
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    cpu = cpu_name()
     mem = next((int(line.split()[1]) for line in open("/proc/meminfo") if line.startswith("MemTotal")), 0)
     return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem / 2**20, 1), "torch": torch.__version__,
             "python": platform.python_version(), "load_before": os.getloadavg()}
