@@ -247,22 +247,29 @@ def execute(job):
                checkpoint_dir=str(Path(job["output_dir"]) / "saved"), fmrl_valid_every_size=not job.get("fast_valid", True))
     cfg.update(use_gpu=True, gpu_id=job["device"].partition(":")[2] or "0") if job["device"].startswith("cuda") \
         else cfg.update(use_gpu=False)
+    progress = Path(job["output_dir"]) / "progress.jsonl"
     config, net, trainer, data = prepare(job["model"], job["dataset"], config_dict=cfg, log=True,
-                                         feature_builder=build_missing_item_features)
+                                         feature_builder=build_missing_item_features,
+                                         resume=resumable(Path(job["output_dir"]), job["key"], job["model"]))
     device = str(config["device"])
     if job["device"].startswith("cuda") and not device.startswith("cuda"):
         raise RuntimeError(f"--device {job['device']} requested but RecBole chose {device} (no CUDA?)")
     setup_seconds, budget = time.perf_counter() - wall0, job.get("max_train_seconds")
-    fit_start = time.perf_counter()
+    fit_start, earlier = time.perf_counter(), read_progress(progress)
+    spent_before = sum(r["train_seconds"] + r["valid_seconds"] for r in earlier)  # by earlier, interrupted invocations
 
-    def check_budget(record):  # after each validation (and checkpoint): would one more epoch fit?
+    def after_validation(record):  # the epoch's record is kept (a resumed row reports every epoch), then the budget
+        with open(progress, "a") as handle:
+            handle.write(json.dumps({k: record[k] for k in PROGRESS_KEYS}) + "\n")
         per_epoch = (time.perf_counter() - fit_start) / (record["epoch"] + 1 - trainer.start_epoch)
-        if budget and not record["finished"] and time.perf_counter() - fit_start + per_epoch > budget:
+        if budget and not record["finished"] and spent_before + time.perf_counter() - fit_start + per_epoch > budget:
             raise StopTraining("time budget")
 
-    result = fit_and_evaluate(config, net, trainer, data, saved=True, on_evaluation=check_budget)
-    records = result["records"]
+    result = fit_and_evaluate(config, net, trainer, data, saved=True, on_evaluation=after_validation)
+    records = read_progress(progress)
     checkpoint = trainer.saved_model_file
+    last = Path(checkpoint).with_name(Path(checkpoint).name[: -len(".pth")] + ".last.pth")
+    last.unlink(missing_ok=True)  # the row is finished: nothing left to resume
     if not job.get("keep_checkpoints") and checkpoint and os.path.exists(checkpoint):
         os.remove(checkpoint)
         checkpoint = None
@@ -279,7 +286,7 @@ def execute(job):
         "params": result["params"], "epochs": len(records), "best_epoch": result["best_epoch"] + 1,
         "valid_curve": [round(r["valid_score"], 6) for r in records], "stopped_by": result["stopped_by"],
         "max_epochs": config["epochs"], "max_train_seconds": budget, "train_samples": len(data[0]._dataset),
-        "setup_seconds": setup_seconds, "train_seconds": result["train_seconds"],
+        "setup_seconds": setup_seconds, "train_seconds": spent_before + result["train_seconds"],
         **epoch_times(records), "cpu_seconds": time.process_time(),
         "wall_seconds": time.perf_counter() - wall0, "peak_rss_mb": peak_rss_mb(),
         "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else None,
@@ -287,6 +294,30 @@ def execute(job):
         "loadavg_start": load0, "loadavg_end": os.getloadavg(), "env": environment(device),
         "checkpoint": checkpoint, "isolated": job.get("isolated", False),
     }
+
+
+PROGRESS_KEYS = ("epoch", "train_loss", "train_seconds", "train_cpu_seconds", "valid_seconds", "valid_cpu_seconds",
+                 "valid_score", "best_epoch", "finished")
+
+
+def resumable(work_dir, key, model):
+    """The row's checkpoint folder when an interrupted invocation with the same settings left a last
+    checkpoint there; otherwise the folder is cleared for a fresh start (None)."""
+    marker, saved = work_dir / "settings-key.txt", work_dir / "saved"
+    if marker.is_file() and marker.read_text().strip() == key and any(saved.glob(f"{model}-*.last.pth")):
+        return saved
+    for stale in list(saved.glob("*.pth")) + [work_dir / "progress.jsonl"]:
+        stale.unlink(missing_ok=True)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    marker.write_text(key + "\n")
+    return None
+
+
+def read_progress(path):
+    """Every validated epoch of the row so far, in order (one JSON object per line)."""
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def epoch_times(records):

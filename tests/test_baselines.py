@@ -224,6 +224,40 @@ def test_harness_time_budget_stops_after_an_epoch(tmp_path, tiny_root):
     assert result["stopped_by"] == "time budget" and result["epochs"] == 1 and result["best_epoch"] == 1
 
 
+def test_harness_resumes_an_interrupted_row_from_its_last_epoch(tmp_path, tiny_root, monkeypatch):
+    from recbole_fmrl.train import driver
+
+    def run(name):
+        args = harness_args(tiny_root / "tiny", tmp_path / name, "LRURec", "--max-epochs", "3")
+        assert run_benchmark.main(args) == 0
+        return json.loads((tmp_path / name / "results" / "tiny" / "runs" / "cpu" / "LRURec" / "seed-2020.json").read_text())
+
+    whole = run("whole")
+    original = driver.fit_and_evaluate
+
+    def killed_after_epoch_1(*args, on_evaluation=None, **kwargs):
+        def hook(record):
+            on_evaluation(record)
+            if record["epoch"] == 1:
+                raise KeyboardInterrupt  # as a kill: nothing after this epoch's checkpoint and progress line
+        return original(*args, on_evaluation=hook, **kwargs)
+
+    monkeypatch.setattr(driver, "fit_and_evaluate", killed_after_epoch_1)
+    with pytest.raises(KeyboardInterrupt):
+        run("cut")
+    assert not (tmp_path / "cut" / "results" / "tiny" / "runs" / "cpu" / "LRURec" / "seed-2020.json").exists()
+    monkeypatch.setattr(driver, "fit_and_evaluate", original)
+    from recbole_fmrl.train.trainer import FMRLTrainer
+
+    trained, train_epoch = [], FMRLTrainer._train_epoch
+    monkeypatch.setattr(FMRLTrainer, "_train_epoch", lambda self, data, epoch, **kw: trained.append(epoch) or
+                        train_epoch(self, data, epoch, **kw))
+    resumed = run("cut")
+    assert trained == [2]  # only the epoch the kill cost
+    assert resumed["epochs"] == whole["epochs"] == 3 and resumed["valid_curve"] == whole["valid_curve"]
+    assert resumed["test"] == whole["test"] and resumed["best_epoch"] == whole["best_epoch"]
+
+
 def test_harness_largest_size_validation_matches_the_per_size_trainer(tiny_config, tmp_path):
     """Per-epoch validation of the largest size only gives the same curve, checkpoint and results."""
     results = []
