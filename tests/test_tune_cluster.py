@@ -5,11 +5,19 @@ worker processes, one CPU each) run a 2-trial grid attached through ``address=``
 on a storage path both nodes see (on a real cluster: NFS or s3://). When the trial on the worker node
 has reported (and checkpointed) an epoch, the worker node is killed: its trial fails with the node, is
 retried from its last checkpoint on the surviving head node, and the search finishes.
+
+The scenario runs in its own Python process: Ray's driver state is process-wide (the search tests in
+test_tune.py start and stop their own local Ray), and a driver whose node is lost exits its process.
 """
+import contextlib
+import json
+import os
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
-import pytest
 from conftest import write_tiny_dataset
 from test_tune import tiny_fixed, write_space
 
@@ -50,50 +58,70 @@ def _kill_when_worker_trial_checkpointed(cluster, worker, worker_id, exp_dir, ki
         time.sleep(0.2)
 
 
-@pytest.fixture
+@contextlib.contextmanager
 def two_node_cluster():
     import ray
     from ray.cluster_utils import Cluster
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "_system_config": FAST_FAILURE})
-    worker = cluster.add_node(num_cpus=1)
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address)  # only to learn the nodes' ids: run_search attaches by itself
-    node_ids = {n["ObjectStoreSocketName"]: n["NodeID"] for n in ray.nodes()}
-    ray.shutdown()
-    yield cluster, worker, {"head": node_ids[cluster.head_node.plasma_store_socket_name],
-                            "worker": node_ids[worker.plasma_store_socket_name]}
-    ray.shutdown()
-    cluster.shutdown()
+    try:
+        worker = cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address)  # only to learn the nodes' ids: run_search attaches by itself
+        node_ids = {n["ObjectStoreSocketName"]: n["NodeID"] for n in ray.nodes()}
+        ray.shutdown()
+        yield cluster, worker, {"head": node_ids[cluster.head_node.plasma_store_socket_name],
+                                "worker": node_ids[worker.plasma_store_socket_name]}
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
 
 
-def test_search_on_two_nodes_survives_losing_one(two_node_cluster, tmp_path):
-    cluster, worker, ids = two_node_cluster
-    write_tiny_dataset(tmp_path / "data", n_users=USERS, n_items=200)
-    fixed = {**tiny_fixed(tmp_path / "data", tmp_path, "learning_rate"), "epochs": EPOCHS, "stopping_step": EPOCHS,
-             "eval_batch_size": 256}
-    space = write_space(tmp_path / "space.yaml", fixed, {"learning_rate": [0.003, 0.01]})
-    shared = tmp_path / "shared"  # both nodes' view of the experiment (NFS / s3:// on real machines)
-    job = tune_space.build_job(str(space), "tiny", storage_path=str(shared), name="two-nodes", max_failures=2,
-                               cpus_per_trial=1)
-    killed = {}
-    killer = threading.Thread(target=_kill_when_worker_trial_checkpointed,
-                              args=(cluster, worker, ids["worker"], shared / "two-nodes", killed, time.time() + 240),
-                              daemon=True)
-    killer.start()
-    summary = tune_search.run_search(job, address=cluster.address, verbose=0, evaluate_test=True)
-    killer.join(timeout=1)
+def run_scenario(tmp_path):
+    """The 2-node search with the worker node killed mid-run; what the test checks, as plain values."""
+    with two_node_cluster() as (cluster, worker, ids):
+        write_tiny_dataset(tmp_path / "data", n_users=USERS, n_items=200)
+        fixed = {**tiny_fixed(tmp_path / "data", tmp_path, "learning_rate"), "epochs": EPOCHS,
+                 "stopping_step": EPOCHS, "eval_batch_size": 256}
+        space = write_space(tmp_path / "space.yaml", fixed, {"learning_rate": [0.003, 0.01]})
+        shared = tmp_path / "shared"  # both nodes' view of the experiment (NFS / s3:// on real machines)
+        job = tune_space.build_job(str(space), "tiny", storage_path=str(shared), name="two-nodes", max_failures=2,
+                                   cpus_per_trial=1)
+        killed = {}
+        killer = threading.Thread(target=_kill_when_worker_trial_checkpointed,
+                                  args=(cluster, worker, ids["worker"], shared / "two-nodes", killed, time.time() + 240),
+                                  daemon=True)
+        killer.start()
+        summary = tune_search.run_search(job, address=cluster.address, verbose=0, evaluate_test=True)
+        killer.join(timeout=1)
+    out = {"killed": killed, "status": [r["status"] for r in summary["rows"]], "end": [r["end"] for r in summary["rows"]],
+           "selected_test": sorted((summary["selected"] or {}).get("test", {}))}
+    if killed:
+        lost = _progress(shared / "two-nodes" / killed["trial"])
+        out["before"] = [int(e) for e in lost[lost["node_id"] == ids["worker"]]["epoch"]]
+        out["after"] = [int(e) for e in lost[lost["node_id"] == ids["head"]]["epoch"]]
+    return out
 
-    assert killed, "the worker node was never removed while its trial ran"
-    rows = summary["rows"]
-    assert [r["status"] for r in rows] == ["TERMINATED", "TERMINATED"]
-    assert all(r["end"] == "max_epochs" for r in rows)
-    assert summary["selected"] is not None and "ndcg@10" in summary["selected"]["test"]
-    lost = _progress(shared / "two-nodes" / killed["trial"])
-    before = lost[lost["node_id"] == ids["worker"]]["epoch"].tolist()
-    after = lost[lost["node_id"] == ids["head"]]["epoch"].tolist()
-    assert before[:2] == [0, 1] and killed["epoch"] in before
+
+def test_search_on_two_nodes_survives_losing_one(tmp_path):
+    here = Path(__file__).resolve().parent
+    done = subprocess.run([sys.executable, str(Path(__file__).resolve()), str(tmp_path), str(tmp_path / "out.json")],
+                          cwd=here, env={**os.environ, "PYTHONPATH": str(here)}, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    result = json.loads((tmp_path / "out.json").read_text())
+    assert result["killed"], "the worker node was never removed while its trial ran"
+    assert result["status"] == ["TERMINATED", "TERMINATED"]
+    assert all(end == "max_epochs" for end in result["end"])
+    assert "ndcg@10" in result["selected_test"]
+    before, after, epoch = result["before"], result["after"], result["killed"]["epoch"]
+    assert before[:2] == [0, 1] and epoch in before
     # retried on the surviving node from its last checkpoint: it goes on after an epoch the lost node
     # had checkpointed (not from scratch) and ends the schedule there
     assert after and after[0] > 0 and after[0] - 1 in before
     assert after == list(range(after[0], EPOCHS))
+
+
+if __name__ == "__main__":  # the scenario's own process (see the module docstring)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    Path(sys.argv[2]).write_text(json.dumps(run_scenario(Path(sys.argv[1]))))
