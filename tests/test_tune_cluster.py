@@ -65,11 +65,13 @@ def two_node_cluster():
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "_system_config": FAST_FAILURE})
     try:
+        # The driver attaches while the head is the only node: with two raylets on one host Ray may attach
+        # it to either, and removing the driver's own node would end this process. run_search reuses
+        # this session (it attaches by itself only when no session is running).
+        ray.init(address=cluster.address)
         worker = cluster.add_node(num_cpus=1)
         cluster.wait_for_nodes()
-        ray.init(address=cluster.address)  # only to learn the nodes' ids: run_search attaches by itself
         node_ids = {n["ObjectStoreSocketName"]: n["NodeID"] for n in ray.nodes()}
-        ray.shutdown()
         yield cluster, worker, {"head": node_ids[cluster.head_node.plasma_store_socket_name],
                                 "worker": node_ids[worker.plasma_store_socket_name]}
     finally:
