@@ -2,7 +2,7 @@
 
     python benchmarks/deploy.py                                   # newest checkpoint under runs/saved/
     python benchmarks/deploy.py --checkpoint runs/saved/FMRLRec-....pth --output results/deploy-beauty.md \
-        --data-path /work/data_out --dataset amazon-beauty
+        --data-path data --dataset amazon-beauty
 
 Writes ``<output>.md``, ``<output>.json`` and plots ``<output>-sizes.png`` / ``-latency.png`` /
 ``-pareto.png``. Per size, from the exported artifacts (nothing else is loaded at serving time):
