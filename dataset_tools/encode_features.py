@@ -110,16 +110,24 @@ def _reusable(folder, name, modality, key: dict, inputs: str) -> Optional[dict]:
     return meta
 
 
+def _up_to_date(folder, name: str, modality: str, key: dict, inputs: str) -> Optional[dict]:
+    """The existing table's metadata (marked ``skipped``) when it was built from the same inputs and encoder."""
+    meta = _reusable(folder, name, modality, key, inputs)
+    if meta is None:
+        return None
+    log.info("%s features of %s are up to date (%s), skipping", modality, name, meta["encoder"])
+    return dict(meta, skipped=True)
+
+
 def ensure_text_features(folder, name: str, texts: List[str], options: TextEncoderOptions,
                          extra: Optional[dict] = None, progress: bool = True,
                          encoder: Optional[TextEncoder] = None, chunk_rows: int = CHUNK_ROWS) -> dict:
     """Encode ``texts`` (row order = ``<name>.item_ids``) unless an identical table exists."""
     key = text_encoder_key(options)
     inputs = texts_sha256(texts)
-    meta = _reusable(folder, name, "text", key, inputs)
-    if meta is not None:
-        log.info("text features of %s are up to date (%s), skipping", name, meta["encoder"])
-        return dict(meta, skipped=True)
+    done = _up_to_date(folder, name, "text", key, inputs)
+    if done is not None:
+        return done
     enc = encoder or TextEncoder(options)
     batch = max(1, options.batch_size)
     cache = chunk_cache_dir(folder, name, "text", dict(key, batch_size=batch), inputs)
@@ -158,10 +166,9 @@ def ensure_image_features(folder, name: str, paths: List[Optional[Path]], digest
     """Encode the images of each row (None: no usable image -> zero row, mask False)."""
     key = image_encoder_key(options)
     inputs = images_sha256(digests)
-    meta = _reusable(folder, name, "image", key, inputs)
-    if meta is not None:
-        log.info("image features of %s are up to date (%s), skipping", name, meta["encoder"])
-        return dict(meta, skipped=True)
+    done = _up_to_date(folder, name, "image", key, inputs)
+    if done is not None:
+        return done
     enc = ImageEncoder(options)
     rows = [r for r, p in enumerate(paths) if p is not None]
     cache = chunk_cache_dir(folder, name, "image", key, inputs)
