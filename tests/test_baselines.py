@@ -215,6 +215,11 @@ def test_harness_resumes_without_redoing_finished_rows(tmp_path, monkeypatch, ca
     assert calls == ["LRURec"]
     assert json.loads(done.read_text())["status"] == "ok"  # a failed rerun keeps the finished result
     assert done.with_suffix(".failed.json").is_file()
+    calls.clear()
+    inter = data / f"{data.name}.inter"
+    inter.write_text("".join(inter.read_text().splitlines(keepends=True)[:-1]))  # the dataset changed
+    run_benchmark.main(args)  # same settings, other data: the finished row is stale
+    assert calls == ["LRURec"]
 
 
 def test_harness_time_budget_stops_after_an_epoch(tmp_path, tiny_root):
