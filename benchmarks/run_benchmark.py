@@ -55,7 +55,7 @@ KEY_IGNORE = {"show_progress", "state", "fmrl_output_dir", "checkpoint_dir", "fm
 MODEL_GROUPS = {
     "recbole": ["SASRec", "BERT4Rec", "GRU4Rec", "LightSANs", "FEARec"],
     "baselines": ["SASRec", "SASRec-allpos", "BERT4Rec", "GRU4Rec", "LightSANs", "FEARec", "FMLPRec", "LRURec"],
-    "fmrlrec": ["FMRLRec-text_image", "FMRLRec-text", "FMRLRec-text_id", "FMRLRec-image", "FMRLRec-id"],
+    "fmrlrec": ["FMRLRec-text_image", "FMRLRec-text", "FMRLRec-text_id", "FMRLRec-text_id-drop0.5", "FMRLRec-image", "FMRLRec-id"],
 }
 SINGLE = "-single-"  # generated rows <row>-single-<m>: one single-size model per nested size of <row>
 
@@ -144,7 +144,7 @@ def row_config(settings, row, device_type, overrides=(), max_epochs=None):
     base = spec.get("single_of", row)  # a single-size row takes its nested row's settings
     config = copy.deepcopy(settings["common"])
     layers = [spec.get("config") or {}, ds.get("config") or {}, *_matching(ds.get("rows"), base),
-              *_matching((ds.get("devices") or {}).get(device_type), base)]
+              *_matching((ds.get("devices") or {}).get(device_type), base), spec.get("override") or {}]
     for layer in layers:
         config.update(copy.deepcopy(layer))
     if max_epochs is not None:
@@ -431,6 +431,34 @@ def is_done(path, key, data_id=None):
     return data.get("status") == "ok" and data.get("key") == key and same_data
 
 
+def run_job(job, isolation, label):
+    """Train and test one (row, seed); its result JSON (or .failed.json) is written; prints one status line."""
+    Path(job["output_dir"]).mkdir(parents=True, exist_ok=True)
+    Path(job["result_path"]).with_suffix(".failed.json").unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    if isolation == "subprocess":
+        log_path = Path(job["output_dir"]) / "run.log"
+        rc = run_subprocess(job, log_path)
+        ok = rc == 0 and is_done(job["result_path"], job["key"], job["data_fingerprint"])
+        if not ok and not Path(job["result_path"]).with_suffix(".failed.json").exists():
+            failure(job, RuntimeError(f"worker exited with {rc}; see {log_path}"))
+    else:
+        try:
+            atomic_write_json(job["result_path"], execute(job))
+            ok = True
+        except Exception as exc:  # noqa: BLE001
+            traceback.print_exc()
+            failure(job, exc)
+            ok = False
+    status = "ok" if ok else "FAILED"
+    extra = ""
+    if ok:
+        res = json.loads(Path(job["result_path"]).read_text())
+        extra = (f" test N@10 {res['test'].get('ndcg@10', float('nan')):.4f} "
+                 f"R@10 {res['test'].get('recall@10', float('nan')):.4f}, {res['epochs']} epochs")
+    print(f"{label}: {status} in {time.perf_counter() - t0:.0f}s{extra}", flush=True)
+
+
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", required=False, help="dataset name (folder under --data-path)")
@@ -530,6 +558,8 @@ def main(argv=None):
     set_offline_defaults()
     import bench_report
 
+    from dataset_tools.lock import OutputLockedError, output_lock
+
     settings, jobs, skipped, tag, command = plan(args, argv)
     if args.dry_run:
         for job in jobs:
@@ -556,31 +586,14 @@ def main(argv=None):
                 if not args.force and is_done(job["result_path"], job["key"], job["data_fingerprint"]):
                     print(f"{label}: done, skipped", flush=True)
                     continue
-                print(f"{label}: running ...", flush=True)
-                Path(job["output_dir"]).mkdir(parents=True, exist_ok=True)
-                Path(job["result_path"]).with_suffix(".failed.json").unlink(missing_ok=True)
-                t0 = time.perf_counter()
-                if args.isolation == "subprocess":
-                    log_path = Path(job["output_dir"]) / "run.log"
-                    rc = run_subprocess(job, log_path)
-                    ok = rc == 0 and is_done(job["result_path"], job["key"], job["data_fingerprint"])
-                    if not ok and not Path(job["result_path"]).with_suffix(".failed.json").exists():
-                        failure(job, RuntimeError(f"worker exited with {rc}; see {log_path}"))
-                else:
-                    try:
-                        atomic_write_json(job["result_path"], execute(job))
-                        ok = True
-                    except Exception as exc:  # noqa: BLE001
-                        traceback.print_exc()
-                        failure(job, exc)
-                        ok = False
-                status = "ok" if ok else "FAILED"
-                extra = ""
-                if ok:
-                    res = json.loads(Path(job["result_path"]).read_text())
-                    extra = (f" test N@10 {res['test'].get('ndcg@10', float('nan')):.4f} "
-                             f"R@10 {res['test'].get('recall@10', float('nan')):.4f}, {res['epochs']} epochs")
-                print(f"{label}: {status} in {time.perf_counter() - t0:.0f}s{extra}", flush=True)
+                try:  # one invocation per row and seed at a time: a second one skips it
+                    with output_lock(Path(job["output_dir"]).parent, Path(job["output_dir"]).name,
+                                     "benchmark invocation is running this row and seed"):
+                        print(f"{label}: running ...", flush=True)
+                        run_job(job, args.isolation, label)
+                except OutputLockedError as err:
+                    print(f"{label}: skipped: {err}", flush=True)
+                    continue
                 bench_report.write_report(args.dataset, args.results_dir, settings)  # keep the table current
         finally:
             signal.signal(signal.SIGTERM, old_term)

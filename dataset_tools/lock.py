@@ -67,7 +67,7 @@ def _stale(owner: Optional[dict]) -> bool:
     return isinstance(pid, int) and pid != os.getpid() and not _alive(pid)
 
 
-def acquire(path: Path):
+def acquire(path: Path, activity: str = "conversion is writing this dataset folder"):
     _made_parent[path] = not path.parent.exists()
     path.parent.mkdir(parents=True, exist_ok=True)
     if _try_create(path):
@@ -84,7 +84,7 @@ def acquire(path: Path):
     who = (f"pid {owner.get('pid')} on {owner.get('host')}, started {owner.get('started')}" if owner
            else "owner unreadable")
     raise OutputLockedError(
-        f"{path.parent / path.name[1:-5]}: another conversion is writing this dataset folder ({who}); "
+        f"{path.parent / path.name[1:-5]}: another {activity} ({who}); "
         f"wait for it to finish, or delete {path} if that process is gone")
 
 
@@ -96,13 +96,13 @@ def _release_parent(path: Path):
 
 
 @contextlib.contextmanager
-def output_lock(output, name: str) -> Iterator[Path]:
-    """Hold the lock of ``<output>/<name>`` for the duration of the block."""
+def output_lock(output, name: str, activity: str = "conversion is writing this dataset folder") -> Iterator[Path]:
+    """Hold the lock of ``<output>/<name>`` for the duration of the block (``activity``: what a refused writer is told)."""
     path = lock_path(output, name).resolve()
     if _held.get(path):
         _held[path] += 1
     else:
-        acquire(path)
+        acquire(path, activity)
         _held[path] = 1
     try:
         yield path

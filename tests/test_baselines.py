@@ -1,6 +1,7 @@
 """FMLPRec and LRURec (plugin baselines) and the benchmark harness's resume logic, on the tiny dataset."""
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -220,6 +221,21 @@ def test_harness_resumes_without_redoing_finished_rows(tmp_path, monkeypatch, ca
     inter.write_text("".join(inter.read_text().splitlines(keepends=True)[:-1]))  # the dataset changed
     run_benchmark.main(args)  # same settings, other data: the finished row is stale
     assert calls == ["LRURec"]
+
+
+def test_harness_skips_a_row_another_invocation_is_running(tmp_path, tiny_root, monkeypatch, capsys):
+    import socket
+
+    args = harness_args(tiny_root / "tiny", tmp_path, "LRURec")
+    lock = tmp_path / "work" / "tiny" / "cpu" / "LRURec" / ".seed-2020.lock"
+    lock.parent.mkdir(parents=True)
+    lock.write_text(json.dumps({"pid": os.getppid(), "host": socket.gethostname(), "started": "2026-11-30 07:00:00"}))
+    monkeypatch.setattr(run_benchmark, "execute", lambda job: pytest.fail("ran a row another invocation holds"))
+    assert run_benchmark.main(args) == 0
+    out = capsys.readouterr().out
+    assert (f"LRURec seed 2020 (cpu): skipped: {lock.parent / 'seed-2020'}: another benchmark invocation is running "
+            f"this row and seed (pid {os.getppid()} on ") in out
+    assert lock.is_file()  # the holder's lock stays
 
 
 def test_harness_time_budget_stops_after_an_epoch(tmp_path, tiny_root):
