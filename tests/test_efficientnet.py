@@ -52,7 +52,7 @@ def _posters(folder, n=3):
 
 def test_encoder_features_equal_the_timm_model(tmp_path):
     torch.manual_seed(0)
-    reference = timm.create_model("efficientnet_lite0", pretrained=False, num_classes=0)
+    reference = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0)
     with torch.no_grad():  # non-trivial batch-norm statistics, so a swapped bn would show
         for name, buf in reference.named_buffers():
             if name.endswith("running_var"):
@@ -74,11 +74,11 @@ def test_encoder_features_equal_the_timm_model(tmp_path):
     assert mask.all() and feats.shape == (3, 1280) and enc.dim == 1280
     np.testing.assert_allclose(feats, expected, atol=1e-5)
     key = image_encoder_key(enc.options)
-    assert key["checkpoint_sha256"] and key["model"] == "efficientnet-lite0"
+    assert key["checkpoint_sha256"] and key["model"] == "efficientnet-lite0" and key["network"] == "tf_efficientnet_lite0"
 
 
 def test_checkpoint_with_a_missing_or_misshapen_tensor_is_one_line(tmp_path):
-    model = timm.create_model("efficientnet_lite0", pretrained=False, num_classes=0)
+    model = efficientnet.create("efficientnet-lite0")
     state = {efficientnet.source_key(model, k): v for k, v in model.state_dict().items()}
     state["_blocks.3._depthwise_conv.weight"] = torch.zeros(2, 1, 3, 3)
     torch.save(state, tmp_path / "bad.pth")
