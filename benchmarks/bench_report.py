@@ -1,4 +1,5 @@
-"""Report of ``run_benchmark.py``: results/<dataset>.md, .csv, -sizes.csv and -sizes.png from run JSONs."""
+"""Report of ``run_benchmark.py``: results/<dataset>.md, .csv, -sizes.csv/.png and -curves.png from run JSONs
+(every file written atomically: several harness invocations may rewrite the report at once)."""
 import csv
 import fnmatch
 import json
@@ -7,6 +8,8 @@ import re
 import statistics
 from collections import OrderedDict
 from pathlib import Path
+
+from recbole_fmrl import atomic_write
 
 METRICS = ["ndcg@5", "recall@5", "ndcg@10", "recall@10", "ndcg@20", "recall@20", "ndcg@50", "recall@50"]
 TABLE_METRICS = ["ndcg@5", "recall@5", "ndcg@10", "recall@10"]
@@ -206,7 +209,8 @@ def plot_sizes(path, dataset, series_by_tag):
         ax.legend(fontsize=7)
     fig.suptitle(f"{dataset}: every size from one FMRLRec training (paper Figure 3)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_write.atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
 
 
@@ -303,7 +307,8 @@ def plot_nested(path, dataset, pairs):
         ax.legend(fontsize=7)
     fig.suptitle(f"{dataset}: nested size-m model vs a size-m model trained alone")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_write.atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
 
 
@@ -317,7 +322,7 @@ def write_nested(dataset, results_dir, runs):
     section = nested_markdown(pairs, png.name)
     write_csv(csv_path, [OrderedDict(tag=tag, row=row, **p) for (tag, row), ps in pairs.items() for p in ps])
     plot_nested(png, dataset, pairs)
-    md.write_text("\n".join([f"# {dataset}: nested against independent sizes", "",
+    atomic_write.write_text(md, "\n".join([f"# {dataset}: nested against independent sizes", "",
                               f"Written by `benchmarks/bench_report.py` from `results/{dataset}/runs/`.", ""]
                              + section[2:]))
     return [md, csv_path, png], section
@@ -327,7 +332,7 @@ def write_csv(path, rows):
     keys = []
     for r in rows:
         keys += [k for k in r if k not in keys]
-    with open(path, "w", newline="") as handle:
+    with atomic_write.atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=keys)
         writer.writeheader()
         for r in rows:
@@ -347,7 +352,41 @@ def environments(runs):
     return list(seen.values())
 
 
-def markdown(dataset, settings, runs, table, series, sizes_png, nested_section=()):
+def plot_curves(path, dataset, runs):
+    """Validation NDCG@10 per epoch of every finished row (one line per seed); False when there is none."""
+    curves = [(tag, row, r["valid_curve"]) for tag, rows in runs.items() for row, entry in rows.items()
+              if not SINGLE_ROW.match(row) for r in entry["runs"] if r.get("valid_curve")]
+    if not curves:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tags = sorted({tag for tag, _, _ in curves})
+    fig, axes = plt.subplots(1, len(tags), figsize=(6 * len(tags), 4.2), squeeze=False)
+    colours = {}
+    for tag, row, curve in curves:
+        ax = axes[0][tags.index(tag)]
+        colour = colours.setdefault(row, f"C{len(colours) % 10}")
+        labelled = any(line.get_label() == row for line in ax.get_lines())
+        ax.plot(range(1, len(curve) + 1), curve, color=colour, lw=1.2, label=None if labelled else row)
+        best = max(range(len(curve)), key=curve.__getitem__)
+        ax.plot(best + 1, curve[best], "o", color=colour, ms=4)
+    for tag, ax in zip(tags, axes[0]):
+        ax.set_title(f"{dataset} ({tag}): validation NDCG@10 per epoch (dot: best, test taken there)", fontsize=9)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("validation NDCG@10")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_write.atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return True
+
+
+def markdown(dataset, settings, runs, table, series, sizes_png, nested_section=(), curves_png=None):
     ds = settings["dataset"]
     lines = [f"# {ds.get('title', dataset)}: side-by-side benchmark", ""]
     if ds.get("description"):
@@ -407,6 +446,9 @@ def markdown(dataset, settings, runs, table, series, sizes_png, nested_section=(
                     fmt_metric(m[f"test_{k}"], m[f"test_{k}_std"]) for k in
                     ("ndcg@5", "recall@5", "ndcg@10", "recall@10", "ndcg@20", "recall@20", "recall@50")) + " |")
             lines += ["", f"![per-size results]({sizes_png.name})", ""]
+    if curves_png is not None:
+        lines += ["### Validation curves", "", "Every finished row's validation NDCG@10 per epoch, one line per seed "
+                  "(the dot is the epoch whose checkpoint was tested).", "", f"![validation curves]({curves_png.name})", ""]
     lines += list(nested_section)
     for note in ds.get("notes") or []:
         lines.append(f"- {note.strip()}")
@@ -446,5 +488,9 @@ def write_report(dataset, results_dir, settings):
         plot_sizes(sizes_png, dataset, series)
         written += [sizes_csv, sizes_png]
     nested_paths, nested_section = write_nested(dataset, results_dir, runs)
-    md_path.write_text(markdown(dataset, settings, runs, table, series, sizes_png, nested_section))
+    curves_png = results_dir / f"{dataset}-curves.png"
+    if plot_curves(curves_png, dataset, runs):
+        written.append(curves_png)
+    atomic_write.write_text(md_path, markdown(dataset, settings, runs, table, series, sizes_png, nested_section,
+                                              curves_png if curves_png in written else None))
     return written + nested_paths
