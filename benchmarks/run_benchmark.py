@@ -54,7 +54,7 @@ SCHEMA = 1
 KEY_IGNORE = {"show_progress", "state", "fmrl_output_dir", "checkpoint_dir", "fmrl_cache_dir", "eval_batch_size", "worker"}
 MODEL_GROUPS = {
     "recbole": ["SASRec", "BERT4Rec", "GRU4Rec", "LightSANs", "FEARec"],
-    "baselines": ["SASRec", "SASRec-allpos", "BERT4Rec", "GRU4Rec", "LightSANs", "FEARec", "FMLPRec", "LRURec"],
+    "baselines": ["SASRec", "SASRec-allpos", "SASRec-allpos-2blk", "BERT4Rec", "GRU4Rec", "LightSANs", "FEARec", "FMLPRec", "LRURec"],
     "fmrlrec": ["FMRLRec-text_image", "FMRLRec-text", "FMRLRec-text_id", "FMRLRec-text_id-drop0.5", "FMRLRec-image", "FMRLRec-id"],
 }
 SINGLE = "-single-"  # generated rows <row>-single-<m>: one single-size model per nested size of <row>
