@@ -18,7 +18,7 @@ SHORT = {"ndcg@5": "N@5", "recall@5": "R@5", "ndcg@10": "N@10", "recall@10": "R@
 
 
 def load_runs(results_dir, dataset):
-    """{tag: {row: {"runs": [ok results], "unavailable": reason, "failed": [failures]}}}."""
+    """{tag: {row: {"runs": [ok results], "unavailable": reason, "failed": [failures], "unfinished": [curves so far]}}}."""
     base = Path(results_dir) / dataset / "runs"
     out = OrderedDict()
     if not base.is_dir():
@@ -26,7 +26,7 @@ def load_runs(results_dir, dataset):
     for tag_dir in sorted(p for p in base.iterdir() if p.is_dir()):
         rows = out.setdefault(tag_dir.name, OrderedDict())
         for row_dir in sorted(p for p in tag_dir.iterdir() if p.is_dir()):
-            entry = rows.setdefault(row_dir.name, {"runs": [], "unavailable": None, "failed": []})
+            entry = rows.setdefault(row_dir.name, {"runs": [], "unavailable": None, "failed": [], "unfinished": []})
             for path in sorted(row_dir.glob("*.json")):
                 try:
                     data = json.loads(path.read_text())
@@ -38,7 +38,11 @@ def load_runs(results_dir, dataset):
                     entry["unavailable"] = data.get("reason")
                 elif data.get("status") == "failed":
                     entry["failed"].append(data)
+                elif data.get("status") == "unfinished":
+                    entry["unfinished"].append(data)
             entry["runs"].sort(key=lambda r: r["seed"])
+            done = {r["seed"] for r in entry["runs"]}
+            entry["unfinished"] = sorted((u for u in entry["unfinished"] if u["seed"] not in done), key=lambda u: u["seed"])
     return out
 
 
@@ -131,9 +135,13 @@ def row_summary(tag, row, spec, entry, paper, not_run_reason, unavailable=None):
         out["train_samples"] = runs[0].get("train_samples")
         out["valid_curve"] = " ".join(f"{v:.4f}" for v in runs[0].get("valid_curve") or [])
         out["isolated"] = all(r.get("isolated") for r in runs)
+        out["unfinished"] = unfinished_text(entry.get("unfinished") or [])
         out["device"] = runs[0]["env"].get("device")
         out["cpu"] = runs[0]["env"].get("cpu")
         out["gpu"] = runs[0]["env"].get("gpu")
+    elif entry and entry.get("unfinished"):
+        out["status"], out["reason"] = "unfinished", unfinished_text(entry["unfinished"])
+        out["valid_curve"] = " ".join(f"{v:.4f}" for v in entry["unfinished"][0]["valid_curve"])
     elif (entry and entry.get("unavailable")) or unavailable:
         out["status"], out["reason"] = "cannot run", (entry or {}).get("unavailable") or unavailable
     elif entry and entry.get("failed"):
@@ -141,6 +149,17 @@ def row_summary(tag, row, spec, entry, paper, not_run_reason, unavailable=None):
     else:
         out["status"], out["reason"] = "not run", not_run_reason or "not run yet"
     return out
+
+
+def unfinished_text(progress):
+    """One line per unfinished seed: epochs so far, best validation NDCG@10 and whether it still improves."""
+    parts = []
+    for u in progress:
+        since = u["epochs"] - u["best_epoch"]
+        trend = "still improving" if since == 0 else f"no gain for {since} epochs"
+        parts.append(f"seed {u['seed']} unfinished after {u['epochs']} epochs (still running or interrupted; the same command "
+                     f"resumes it): best validation NDCG@10 {u['best_valid']:.4f} at epoch {u['best_epoch']}, {trend}")
+    return "; ".join(parts)
 
 
 def _pattern_value(mapping, row):
@@ -354,8 +373,9 @@ def environments(runs):
 
 def plot_curves(path, dataset, runs):
     """Validation NDCG@10 per epoch of every finished row (one line per seed); False when there is none."""
-    curves = [(tag, row, r["valid_curve"]) for tag, rows in runs.items() for row, entry in rows.items()
-              if not SINGLE_ROW.match(row) for r in entry["runs"] if r.get("valid_curve")]
+    curves = [(tag, row, r["valid_curve"], r.get("status") == "unfinished") for tag, rows in runs.items()
+              for row, entry in rows.items() if not SINGLE_ROW.match(row)
+              for r in entry["runs"] + entry.get("unfinished", []) if r.get("valid_curve")]
     if not curves:
         return False
     import matplotlib
@@ -363,14 +383,16 @@ def plot_curves(path, dataset, runs):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tags = sorted({tag for tag, _, _ in curves})
+    tags = sorted({tag for tag, _, _, _ in curves})
     fig, axes = plt.subplots(1, len(tags), figsize=(6 * len(tags), 4.2), squeeze=False)
     colours = {}
-    for tag, row, curve in curves:
+    for tag, row, curve, unfinished in curves:
         ax = axes[0][tags.index(tag)]
         colour = colours.setdefault(row, f"C{len(colours) % 10}")
-        labelled = any(line.get_label() == row for line in ax.get_lines())
-        ax.plot(range(1, len(curve) + 1), curve, color=colour, lw=1.2, label=None if labelled else row)
+        label = row + (" (unfinished)" if unfinished else "")
+        labelled = any(line.get_label() == label for line in ax.get_lines())
+        ax.plot(range(1, len(curve) + 1), curve, "--" if unfinished else "-", color=colour, lw=1.2,
+                label=None if labelled else label)
         best = max(range(len(curve)), key=curve.__getitem__)
         ax.plot(best + 1, curve[best], "o", color=colour, ms=4)
     for tag, ax in zip(tags, axes[0]):
@@ -403,7 +425,8 @@ def markdown(dataset, settings, runs, table, series, sizes_png, nested_section=(
         "one validation pass; *wall* is one seed's "
         "whole run (data loading, training, validation, test); *peak RSS* is the run's own process "
         "(one subprocess per seed).", ""]
-    commands = sorted({r["command"] for rows in runs.values() for e in rows.values() for r in e["runs"]})
+    commands = sorted({r["command"] for rows in runs.values() for e in rows.values()
+                       for r in e["runs"] + e.get("unfinished", [])})
     if commands:
         lines += ["Commands that produced these rows (run from the repository root):", "", "```bash"]
         lines += commands + ["```", ""]
@@ -425,6 +448,8 @@ def markdown(dataset, settings, runs, table, series, sizes_png, nested_section=(
                     note[-1] += f" (cap {r['max_epochs']})"
                 if r["stopped_by"] != "early stopping" and r["best_epoch"] >= r["epochs"]:
                     note.append("best at the last epoch: still improving")
+                if r.get("unfinished"):
+                    note.append(r["unfinished"])
                 cells = [r["group"], r["row"], r["settings"], str(r["n_seeds"]),
                          *[fmt_metric(r[f"test_{m}"], r[f"test_{m}_std"]) for m in TABLE_METRICS], *paper,
                          fmt_params(r["params"]), f"{r['epochs']:.0f} ({r['best_epoch']:.0f})",
@@ -447,8 +472,9 @@ def markdown(dataset, settings, runs, table, series, sizes_png, nested_section=(
                     ("ndcg@5", "recall@5", "ndcg@10", "recall@10", "ndcg@20", "recall@20", "recall@50")) + " |")
             lines += ["", f"![per-size results]({sizes_png.name})", ""]
     if curves_png is not None:
-        lines += ["### Validation curves", "", "Every finished row's validation NDCG@10 per epoch, one line per seed "
-                  "(the dot is the epoch whose checkpoint was tested).", "", f"![validation curves]({curves_png.name})", ""]
+        lines += ["### Validation curves", "", "Every row's validation NDCG@10 per epoch, one line per seed (the dot is "
+                  "the epoch whose checkpoint was tested; dashed: a run still unfinished, its best epoch so far).", "",
+                  f"![validation curves]({curves_png.name})", ""]
     lines += list(nested_section)
     for note in ds.get("notes") or []:
         lines.append(f"- {note.strip()}")

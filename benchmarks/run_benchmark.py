@@ -277,11 +277,13 @@ def execute(job):
     def after_validation(record):  # the epoch's record is kept (a resumed row reports every epoch), then the budget
         with open(progress, "a") as handle:
             handle.write(json.dumps({k: record[k] for k in PROGRESS_KEYS}) + "\n")
+        atomic_write_json(unfinished_path(job), unfinished_record(job, read_progress(progress)))
         per_epoch = (time.perf_counter() - fit_start) / (record["epoch"] + 1 - trainer.start_epoch)
         if budget and not record["finished"] and spent_before + time.perf_counter() - fit_start + per_epoch > budget:
             raise StopTraining("time budget")
 
     result = fit_and_evaluate(config, net, trainer, data, saved=True, on_evaluation=after_validation)
+    unfinished_path(job).unlink(missing_ok=True)
     records = read_progress(progress)
     checkpoint = trainer.saved_model_file
     last = Path(checkpoint).with_name(Path(checkpoint).name[: -len(".pth")] + ".last.pth")
@@ -311,6 +313,20 @@ def execute(job):
         "loadavg_start": load0, "loadavg_end": os.getloadavg(), "env": environment(device),
         "checkpoint": checkpoint, "isolated": job.get("isolated", False),
     }
+
+
+def unfinished_path(job):
+    return Path(job["result_path"]).with_suffix(".progress.json")
+
+
+def unfinished_record(job, records):
+    """What the report shows of a row still training or interrupted: its validation curve so far."""
+    curve = [r["valid_score"] for r in records]
+    best = max(range(len(curve)), key=curve.__getitem__)
+    return {"schema": SCHEMA, "status": "unfinished", "row": job["row"], "model": job["model"], "seed": job["seed"],
+            "key": job["key"], "data_fingerprint": job.get("data_fingerprint"), "command": job["command"],
+            "epochs": len(curve), "best_epoch": best + 1, "best_valid": curve[best], "valid_curve": curve,
+            "updated": datetime.datetime.now().isoformat(timespec="seconds")}
 
 
 PROGRESS_KEYS = ("epoch", "train_loss", "train_seconds", "train_cpu_seconds", "valid_seconds", "valid_cpu_seconds",
@@ -539,6 +555,18 @@ def plan(args, argv):
     return settings, jobs, skipped, tag, command
 
 
+def record_unfinished(jobs):
+    """For --report-only: the curve so far of every chosen row and seed that an invocation began and did not
+    finish (its work folder holds progress with the same settings), so the report shows where it stands."""
+    for job in jobs:
+        work = Path(job["output_dir"])
+        marker, progress = work / "settings-key.txt", read_progress(work / "progress.jsonl")
+        if progress and marker.is_file() and marker.read_text().strip() == job["key"] \
+                and not is_done(job["result_path"], job["key"], job["data_fingerprint"]):
+            started = json.loads((work / "job.json").read_text()) if (work / "job.json").is_file() else job
+            atomic_write_json(unfinished_path(job), unfinished_record(dict(job, command=started["command"]), progress))
+
+
 def record_unavailable(args, tag, skipped, command):
     for row, model, reason in skipped:
         path = result_path(args.results_dir, args.dataset, tag, row, "na").with_name("unavailable.json")
@@ -567,7 +595,9 @@ def main(argv=None):
         for row, _, reason in skipped:
             print(f"{row:<20} cannot run: {reason}")
         return 0
-    if not args.report_only:
+    if args.report_only:
+        record_unfinished(jobs)
+    else:
         if args.device.startswith("cuda"):
             import torch
 

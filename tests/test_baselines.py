@@ -266,7 +266,22 @@ def test_harness_resumes_an_interrupted_row_from_its_last_epoch(tmp_path, tiny_r
     monkeypatch.setattr(driver, "fit_and_evaluate", killed_after_epoch_1)
     with pytest.raises(KeyboardInterrupt):
         run("cut")
-    assert not (tmp_path / "cut" / "results" / "tiny" / "runs" / "cpu" / "LRURec" / "seed-2020.json").exists()
+    runs_dir = tmp_path / "cut" / "results" / "tiny" / "runs" / "cpu" / "LRURec"
+    assert not (runs_dir / "seed-2020.json").exists()
+    unfinished = json.loads((runs_dir / "seed-2020.progress.json").read_text())
+    assert unfinished["status"] == "unfinished" and unfinished["epochs"] == 2
+    assert unfinished["valid_curve"] == whole["valid_curve"][:2]  # the curve so far, for the report
+    import bench_report
+
+    settings = run_benchmark.load_settings("tiny")
+    bench_report.write_report("tiny", tmp_path / "cut" / "results", settings)
+    report = (tmp_path / "cut" / "results" / "tiny.md").read_text()
+    assert "| LRURec |" in report and "**unfinished**: seed 2020 unfinished after 2 epochs (still running or interrupted" in report
+    assert (tmp_path / "cut" / "results" / "tiny-curves.png").is_file()
+    (runs_dir / "seed-2020.progress.json").unlink()  # as after a kill of a harness without this record:
+    args = harness_args(tiny_root / "tiny", tmp_path / "cut", "LRURec", "--max-epochs", "3")
+    assert run_benchmark.main(args + ["--report-only"]) == 0  # --report-only rebuilds it from the work folder
+    assert json.loads((runs_dir / "seed-2020.progress.json").read_text())["valid_curve"] == unfinished["valid_curve"]
     monkeypatch.setattr(driver, "fit_and_evaluate", original)
     from recbole_fmrl.train.trainer import FMRLTrainer
 
@@ -277,6 +292,7 @@ def test_harness_resumes_an_interrupted_row_from_its_last_epoch(tmp_path, tiny_r
     assert trained == [2]  # only the epoch the kill cost
     assert resumed["epochs"] == whole["epochs"] == 3 and resumed["valid_curve"] == whole["valid_curve"]
     assert resumed["test"] == whole["test"] and resumed["best_epoch"] == whole["best_epoch"]
+    assert not (runs_dir / "seed-2020.progress.json").exists()  # finished: the curve lives in the result
 
 
 def test_harness_largest_size_validation_matches_the_per_size_trainer(tiny_config, tmp_path):
@@ -286,7 +302,8 @@ def test_harness_largest_size_validation_matches_the_per_size_trainer(tiny_confi
         config = tiny_config(hidden_size=16, fmrl_sizes=[8, 16], epochs=3, fmrl_modality="text")
         job = {"row": "FMRLRec-text", "model": "FMRLRec", "dataset": "tiny", "seed": 2020, "tag": "cpu", "key": "k",
                "command": "test", "config": config, "device": "cpu", "threads": 1, "max_train_seconds": None,
-               "output_dir": str(tmp_path / f"fast-{fast}"), "fast_valid": fast}
+               "output_dir": str(tmp_path / f"fast-{fast}"), "fast_valid": fast,
+               "result_path": str(tmp_path / f"results-{fast}" / "seed-2020.json")}
         results.append(run_benchmark.execute(job))
     fast, full = results
     assert len(fast["valid_curve"]) == 3 and fast["valid_curve"] == full["valid_curve"]
