@@ -388,7 +388,7 @@ def plot_curves(path, dataset, runs):
     colours = {}
     for tag, row, curve, unfinished in curves:
         ax = axes[0][tags.index(tag)]
-        colour = colours.setdefault(row, f"C{len(colours) % 10}")
+        colour = colours.setdefault(row, plt.get_cmap("tab20")(len(colours) % 20))
         label = row + (" (unfinished)" if unfinished else "")
         labelled = any(line.get_label() == label for line in ax.get_lines())
         ax.plot(range(1, len(curve) + 1), curve, "--" if unfinished else "-", color=colour, lw=1.2,
