@@ -425,10 +425,12 @@ def markdown(dataset, settings, runs, table, series, sizes_png, nested_section=(
         "one validation pass; *wall* is one seed's "
         "whole run (data loading, training, validation, test); *peak RSS* is the run's own process "
         "(one subprocess per seed).", ""]
-    commands = sorted({r["command"] for rows in runs.values() for e in rows.values()
+    # --work-dir only says where logs and checkpoints went (often a path of the machine that ran it)
+    commands = sorted({re.sub(r"\s--work-dir\s+\S+", "", r["command"]) for rows in runs.values() for e in rows.values()
                        for r in e["runs"] + e.get("unfinished", [])})
     if commands:
-        lines += ["Commands that produced these rows (run from the repository root):", "", "```bash"]
+        lines += ["Commands that produced these rows (run from the repository root; `--work-dir`, where logs and "
+                  "checkpoints went, left out):", "", "```bash"]
         lines += commands + ["```", ""]
     for tag in (list(runs) or ["cpu"]):
         part = [r for r in table if r["tag"] == tag]
