@@ -18,7 +18,8 @@ SHORT = {"ndcg@5": "N@5", "recall@5": "R@5", "ndcg@10": "N@10", "recall@10": "R@
 
 
 def load_runs(results_dir, dataset):
-    """{tag: {row: {"runs": [ok results], "unavailable": reason, "failed": [failures], "unfinished": [curves so far]}}}."""
+    """{tag: {row: {"runs": [converged results], "not_converged": [results a budget ended], "unavailable": reason,
+    "failed": [failures], "unfinished": [curves so far]}}}."""
     base = Path(results_dir) / dataset / "runs"
     out = OrderedDict()
     if not base.is_dir():
@@ -40,10 +41,36 @@ def load_runs(results_dir, dataset):
                     entry["failed"].append(data)
                 elif data.get("status") == "unfinished":
                     entry["unfinished"].append(data)
-            entry["runs"].sort(key=lambda r: r["seed"])
+            entry["not_converged"] = [r for r in entry["runs"] if not converged(r)]  # a budget ended them: no result
+            entry["runs"] = sorted((r for r in entry["runs"] if converged(r)), key=lambda r: r["seed"])
             done = {r["seed"] for r in entry["runs"]}
             entry["unfinished"] = sorted((u for u in entry["unfinished"] if u["seed"] not in done), key=lambda u: u["seed"])
     return out
+
+
+def converged(run):
+    """Did the protocol end this run? Early stopping did (RecBole stops after stopping_step + 1 epochs
+    without a gain in validation NDCG@10), and so did a budget (time or epoch cap) that struck exactly
+    then. A budget that cut a run earlier, improving or not, leaves no result."""
+    if run.get("stopped_by") not in ("time budget", "max epochs"):
+        return True
+    patience = (run.get("resolved") or {}).get("stopping_step", (run.get("config") or {}).get("stopping_step"))
+    return patience is not None and run["epochs"] - run["best_epoch"] > patience
+
+
+def not_converged_text(runs):
+    """One line per budget-ended seed: how far it got and why it is not a result."""
+    parts = []
+    for r in runs:
+        since = r["epochs"] - r["best_epoch"]
+        trend = "best at the last epoch: still improving" if since == 0 else f"no gain for {since} epochs"
+        budget = (f"its {r['max_train_seconds'] / 60:.1f}-min training budget" if r["stopped_by"] == "time budget"
+                  else f"the epoch cap ({r.get('max_epochs')})")
+        best = max(r["valid_curve"]) if r.get("valid_curve") else r["valid"].get("ndcg@10")
+        parts.append(f"seed {r['seed']} stopped by {budget} after {r['epochs']} epochs, before early stopping "
+                     f"(best validation NDCG@10 {best:.4f} at epoch {r['best_epoch']}, {trend}): not converged, "
+                     "not a result; rerun without --max-train-minutes")
+    return "; ".join(parts)
 
 
 def mean_std(values):
@@ -135,10 +162,14 @@ def row_summary(tag, row, spec, entry, paper, not_run_reason, unavailable=None):
         out["train_samples"] = runs[0].get("train_samples")
         out["valid_curve"] = " ".join(f"{v:.4f}" for v in runs[0].get("valid_curve") or [])
         out["isolated"] = all(r.get("isolated") for r in runs)
-        out["unfinished"] = unfinished_text(entry.get("unfinished") or [])
+        out["unfinished"] = "; ".join(filter(None, (unfinished_text(entry.get("unfinished") or []),
+                                                    not_converged_text(entry.get("not_converged") or []))))
         out["device"] = runs[0]["env"].get("device")
         out["cpu"] = runs[0]["env"].get("cpu")
         out["gpu"] = runs[0]["env"].get("gpu")
+    elif entry and entry.get("not_converged"):
+        out["status"], out["reason"] = "not converged", not_converged_text(entry["not_converged"])
+        out["valid_curve"] = " ".join(f"{v:.4f}" for v in entry["not_converged"][0]["valid_curve"])
     elif entry and entry.get("unfinished"):
         out["status"], out["reason"] = "unfinished", unfinished_text(entry["unfinished"])
         out["valid_curve"] = " ".join(f"{v:.4f}" for v in entry["unfinished"][0]["valid_curve"])
@@ -373,9 +404,10 @@ def environments(runs):
 
 def plot_curves(path, dataset, runs):
     """Validation NDCG@10 per epoch of every finished row (one line per seed); False when there is none."""
-    curves = [(tag, row, r["valid_curve"], r.get("status") == "unfinished") for tag, rows in runs.items()
-              for row, entry in rows.items() if not SINGLE_ROW.match(row)
-              for r in entry["runs"] + entry.get("unfinished", []) if r.get("valid_curve")]
+    curves = [(tag, row, r["valid_curve"], r.get("status") == "unfinished" or not converged(r))
+              for tag, rows in runs.items() for row, entry in rows.items() if not SINGLE_ROW.match(row)
+              for r in entry["runs"] + entry.get("not_converged", []) + entry.get("unfinished", [])
+              if r.get("valid_curve")]
     if not curves:
         return False
     import matplotlib
@@ -389,7 +421,7 @@ def plot_curves(path, dataset, runs):
     for tag, row, curve, unfinished in curves:
         ax = axes[0][tags.index(tag)]
         colour = colours.setdefault(row, plt.get_cmap("tab20")(len(colours) % 20))
-        label = row + (" (unfinished)" if unfinished else "")
+        label = row + (" (unfinished / not converged)" if unfinished else "")
         labelled = any(line.get_label() == label for line in ax.get_lines())
         ax.plot(range(1, len(curve) + 1), curve, "--" if unfinished else "-", color=colour, lw=1.2,
                 label=None if labelled else label)
@@ -427,7 +459,7 @@ def markdown(dataset, settings, runs, table, series, sizes_png, nested_section=(
         "(one subprocess per seed).", ""]
     # --work-dir only says where logs and checkpoints went (often a path of the machine that ran it)
     commands = sorted({re.sub(r"\s--work-dir\s+\S+", "", r["command"]) for rows in runs.values() for e in rows.values()
-                       for r in e["runs"] + e.get("unfinished", [])})
+                       for r in e["runs"] + e.get("not_converged", []) + e.get("unfinished", [])})
     if commands:
         lines += ["Commands that produced these rows (run from the repository root; `--work-dir`, where logs and "
                   "checkpoints went, left out):", "", "```bash"]
@@ -445,11 +477,8 @@ def markdown(dataset, settings, runs, table, series, sizes_png, nested_section=(
                 cells = [r["group"], f"{r['row']}", "", "", "", "", "", "", *paper, "", "", "", "", "", "",
                          f"**{r['status']}**: {r['reason']}"]
             else:
-                note = [] if r["stopped_by"] == "early stopping" else [f"stopped by {r['stopped_by']}"]
-                if r["stopped_by"] == "max epochs":
-                    note[-1] += f" (cap {r['max_epochs']})"
-                if r["stopped_by"] != "early stopping" and r["best_epoch"] >= r["epochs"]:
-                    note.append("best at the last epoch: still improving")
+                # converged rows only: a budget that ended one struck after patience had run out
+                note = [] if r["stopped_by"] == "early stopping" else [f"stopped by {r['stopped_by']} once patience ran out"]
                 if r.get("unfinished"):
                     note.append(r["unfinished"])
                 cells = [r["group"], r["row"], r["settings"], str(r["n_seeds"]),
@@ -475,7 +504,8 @@ def markdown(dataset, settings, runs, table, series, sizes_png, nested_section=(
             lines += ["", f"![per-size results]({sizes_png.name})", ""]
     if curves_png is not None:
         lines += ["### Validation curves", "", "Every row's validation NDCG@10 per epoch, one line per seed (the dot is "
-                  "the epoch whose checkpoint was tested; dashed: a run still unfinished, its best epoch so far).", "",
+                  "the epoch whose checkpoint was tested; dashed: a run still unfinished, or one a budget ended before early "
+                  "stopping: no result).", "",
                   f"![validation curves]({curves_png.name})", ""]
     lines += list(nested_section)
     for note in ds.get("notes") or []:

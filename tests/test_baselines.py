@@ -243,6 +243,21 @@ def test_harness_time_budget_stops_after_an_epoch(tmp_path, tiny_root):
     assert run_benchmark.main(args) == 0
     result = json.loads((tmp_path / "results" / "tiny" / "runs" / "cpu" / "LRURec" / "seed-2020.json").read_text())
     assert result["stopped_by"] == "time budget" and result["epochs"] == 1 and result["best_epoch"] == 1
+    report = (tmp_path / "results" / "tiny.md").read_text()  # cut while improving: shown, but not as a result
+    line = next(r for r in report.splitlines() if r.startswith("| ID-based | LRURec |"))
+    assert "**not converged**: seed 2020 stopped by its 0.0-min training budget after 1 epochs, before early " \
+           "stopping" in line and "not a result" in line
+    assert f"{result['test']['ndcg@10']:.4f}" not in line.split("**")[0]  # no metric cells
+
+
+def test_report_counts_a_budget_stop_after_patience_ran_out_as_converged():
+    import bench_report
+
+    run = {"stopped_by": "time budget", "epochs": 23, "best_epoch": 12, "resolved": {"stopping_step": 10}}
+    assert bench_report.converged(run)  # 11 epochs without a gain: early stopping would have ended it here
+    assert not bench_report.converged(dict(run, epochs=22))  # 10: one more epoch might have improved
+    assert not bench_report.converged(dict(run, stopped_by="max epochs", epochs=12))
+    assert bench_report.converged(dict(run, stopped_by="early stopping", epochs=14))
 
 
 def test_harness_resumes_an_interrupted_row_from_its_last_epoch(tmp_path, tiny_root, monkeypatch):
