@@ -35,6 +35,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -399,11 +400,11 @@ def failure(job, exc):
 
 # ---------------------------------------------------------------------------------------- orchestration
 
-_CHILD = None
+_CHILDREN = set()  # running workers (several with --jobs)
 
 
 def _terminate_child(signum, frame):
-    raise SystemExit(128 + signum)  # run_subprocess's ``finally`` stops the running worker
+    raise SystemExit(128 + signum)  # run_subprocess's ``finally`` / run_jobs stop the running workers
 
 
 def _stop(child):
@@ -417,19 +418,19 @@ def _stop(child):
 
 
 def run_subprocess(job, log_path):
-    global _CHILD
     job_path = Path(job["output_dir"]) / "job.json"
     atomic_write_json(job_path, job)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1")  # main() set the offline defaults in os.environ
     with open(log_path, "a") as log:
-        _CHILD = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker", str(job_path)],
-                                  stdout=log, stderr=subprocess.STDOUT, cwd=str(ROOT), env=env)
+        child = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker", str(job_path)],
+                                 stdout=log, stderr=subprocess.STDOUT, cwd=str(ROOT), env=env)
+        _CHILDREN.add(child)
         try:
-            return _CHILD.wait()
+            return child.wait()
         finally:  # also on SIGTERM / Ctrl-C: no worker outlives the benchmark
-            _stop(_CHILD)
-            _CHILD = None
+            _stop(child)
+            _CHILDREN.discard(child)
 
 
 def result_path(results_dir, dataset, tag, row, seed):
@@ -475,6 +476,56 @@ def run_job(job, isolation, label):
     print(f"{label}: {status} in {time.perf_counter() - t0:.0f}s{extra}", flush=True)
 
 
+def run_one(n, job, args, tag, write_report):
+    """Run one (row, seed) unless it is finished or another invocation holds it; then refresh the report."""
+    from dataset_tools.lock import OutputLockedError, output_lock
+
+    label = f"[{n}/{len(args.job_list)}] {job['row']} seed {job['seed']} ({tag})"
+    if not args.force and is_done(job["result_path"], job["key"], job["data_fingerprint"]):
+        print(f"{label}: done, skipped", flush=True)
+        return
+    try:  # one invocation per row and seed at a time: a second one skips it
+        with output_lock(Path(job["output_dir"]).parent, Path(job["output_dir"]).name,
+                         "benchmark invocation is running this row and seed"):
+            print(f"{label}: running ...", flush=True)
+            run_job(job, args.isolation, label)
+    except OutputLockedError as err:
+        print(f"{label}: skipped: {err}", flush=True)
+        return
+    write_report()  # keep the table current
+
+
+def run_jobs(jobs, args, tag, write_report):
+    """Every job in order, ``--jobs`` of them at a time (each in its own worker process). An error or a
+    signal stops the workers that run and starts no new one; the report is written by one thread at a time."""
+    args.job_list = jobs
+    if args.jobs <= 1:
+        for n, job in enumerate(jobs, 1):
+            run_one(n, job, args, tag, write_report)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    report_lock, stopping = threading.Lock(), threading.Event()
+
+    def locked_report():
+        with report_lock:
+            write_report()
+
+    def one(n, job):
+        if not stopping.is_set():
+            run_one(n, job, args, tag, locked_report)
+
+    pool = ThreadPoolExecutor(max_workers=args.jobs, thread_name_prefix="bench")
+    try:
+        for future in [pool.submit(one, n, job) for n, job in enumerate(jobs, 1)]:
+            future.result()
+    finally:  # also on SIGTERM / Ctrl-C (the main thread's wait is interrupted): stop every worker
+        stopping.set()
+        for child in list(_CHILDREN):
+            _stop(child)
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", required=False, help="dataset name (folder under --data-path)")
@@ -495,6 +546,9 @@ def build_parser():
     p.add_argument("--tag", default=None, help="result set name (default: the device type, cpu or cuda)")
     p.add_argument("--results-dir", default=str(ROOT / "results"), help="where <dataset>.md/.csv and run JSONs go")
     p.add_argument("--work-dir", default=str(ROOT / "runs" / "benchmark"), help="logs and checkpoints")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="(row, seed) runs at a time, each in its own process (a GPU machine: several rows share "
+                        "the device; give each --threads 1 and keep jobs <= CPU cores)")
     p.add_argument("--isolation", choices=["subprocess", "inprocess"], default="subprocess",
                    help="one subprocess per run (own peak RSS, crash isolation) or all in this process")
     p.add_argument("--force", action="store_true", help="rerun chosen rows even if finished")
@@ -581,12 +635,12 @@ def main(argv=None):
         return worker_main(args.worker)
     if not args.dataset:
         raise SystemExit("--dataset is required")
+    if args.jobs < 1 or (args.jobs > 1 and args.isolation != "subprocess"):
+        raise SystemExit(f"--jobs {args.jobs}: need at least 1, and runs overlap only with --isolation subprocess")
     from recbole_fmrl.environment import set_offline_defaults
 
     set_offline_defaults()
     import bench_report
-
-    from dataset_tools.lock import OutputLockedError, output_lock
 
     settings, jobs, skipped, tag, command = plan(args, argv)
     if args.dry_run:
@@ -611,20 +665,7 @@ def main(argv=None):
             Path(job["result_path"]).with_name("unavailable.json").unlink(missing_ok=True)
         old_term = signal.signal(signal.SIGTERM, _terminate_child)
         try:
-            for n, job in enumerate(jobs, 1):
-                label = f"[{n}/{len(jobs)}] {job['row']} seed {job['seed']} ({tag})"
-                if not args.force and is_done(job["result_path"], job["key"], job["data_fingerprint"]):
-                    print(f"{label}: done, skipped", flush=True)
-                    continue
-                try:  # one invocation per row and seed at a time: a second one skips it
-                    with output_lock(Path(job["output_dir"]).parent, Path(job["output_dir"]).name,
-                                     "benchmark invocation is running this row and seed"):
-                        print(f"{label}: running ...", flush=True)
-                        run_job(job, args.isolation, label)
-                except OutputLockedError as err:
-                    print(f"{label}: skipped: {err}", flush=True)
-                    continue
-                bench_report.write_report(args.dataset, args.results_dir, settings)  # keep the table current
+            run_jobs(jobs, args, tag, lambda: bench_report.write_report(args.dataset, args.results_dir, settings))
         finally:
             signal.signal(signal.SIGTERM, old_term)
     paths = bench_report.write_report(args.dataset, args.results_dir, settings)

@@ -238,6 +238,54 @@ def test_harness_skips_a_row_another_invocation_is_running(tmp_path, tiny_root, 
     assert lock.is_file()  # the holder's lock stays
 
 
+def test_harness_jobs_runs_rows_side_by_side_and_stops_them_all(tmp_path, tiny_root, monkeypatch, capsys):
+    import threading
+    import time
+
+    args = harness_args(tiny_root / "tiny", tmp_path, "LRURec,FMLPRec,SASRec", "--seeds", "2")
+    args[args.index("--isolation") + 1] = "subprocess"
+    with pytest.raises(SystemExit, match="--jobs 3: need at least 1, and runs overlap only with --isolation subprocess"):
+        run_benchmark.main(harness_args(tiny_root / "tiny", tmp_path, "LRURec", "--jobs", "3"))
+    running, peak, seen, guard = set(), [0], [], threading.Lock()
+
+    def fake_run_job(job, isolation, label):
+        with guard:
+            running.add(label)
+            peak[0] = max(peak[0], len(running))
+            seen.append((job["row"], job["seed"]))
+        time.sleep(0.3)
+        with guard:
+            running.discard(label)
+        run_benchmark.atomic_write_json(job["result_path"], {"status": "failed", "seed": job["seed"], "error": "fake"})
+
+    monkeypatch.setattr(run_benchmark, "run_job", fake_run_job)
+    assert run_benchmark.main(args + ["--jobs", "3"]) == 0
+    assert peak[0] == 3 and sorted(seen) == sorted((r, s) for r in ("LRURec", "FMLPRec", "SASRec") for s in (2020, 2021))
+
+    seen.clear()
+
+    def interrupted(job, isolation, label):  # Ctrl-C while the first run trains: nothing new starts
+        seen.append(job["row"])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_benchmark, "run_job", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_benchmark.main(args + ["--jobs", "2"])
+    assert len(seen) <= 2
+
+
+def test_harness_jobs_with_real_worker_processes(tmp_path, tiny_root):
+    args = harness_args(tiny_root / "tiny", tmp_path, "LRURec,FMRLRec-text", "--jobs", "2")
+    args[args.index("--isolation") + 1] = "subprocess"
+    assert run_benchmark.main(args) == 0
+    runs = tmp_path / "results" / "tiny" / "runs" / "cpu"
+    for row in ("LRURec", "FMRLRec-text"):
+        result = json.loads((runs / row / "seed-2020.json").read_text())
+        assert result["status"] == "ok" and result["isolated"] and result["epochs"] == 1
+    report = (tmp_path / "results" / "tiny.md").read_text()
+    assert "| LRURec |" in report and "| FMRLRec-text |" in report
+
+
 def test_harness_time_budget_stops_after_an_epoch(tmp_path, tiny_root):
     args = harness_args(tiny_root / "tiny", tmp_path, "LRURec", "--max-epochs", "5", "--max-train-minutes", "1e-6")
     assert run_benchmark.main(args) == 0
