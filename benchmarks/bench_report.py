@@ -68,7 +68,7 @@ def not_converged_text(runs):
                   else f"the epoch cap ({r.get('max_epochs')})")
         best = max(r["valid_curve"]) if r.get("valid_curve") else r["valid"].get("ndcg@10")
         parts.append(f"seed {r['seed']} stopped by {budget} after {r['epochs']} epochs, before early stopping "
-                     f"(best validation NDCG@10 {best:.4f} at epoch {r['best_epoch']}, {trend}): not converged, "
+                     f"(best validation NDCG@10 {best:.4f} at epoch {r['best_epoch']}, {trend}): "
                      "not a result; rerun without --max-train-minutes")
     return "; ".join(parts)
 
