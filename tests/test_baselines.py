@@ -247,13 +247,16 @@ def test_harness_jobs_runs_rows_side_by_side_and_stops_them_all(tmp_path, tiny_r
     with pytest.raises(SystemExit, match="--jobs 3: need at least 1, and runs overlap only with --isolation subprocess"):
         run_benchmark.main(harness_args(tiny_root / "tiny", tmp_path, "LRURec", "--jobs", "3"))
     running, peak, seen, guard = set(), [0], [], threading.Lock()
+    first_three = threading.Barrier(3, timeout=60)  # passes only if three runs are in flight together
 
     def fake_run_job(job, isolation, label):
         with guard:
             running.add(label)
             peak[0] = max(peak[0], len(running))
             seen.append((job["row"], job["seed"]))
-        time.sleep(0.3)
+        if len(seen) <= 3:
+            first_three.wait()
+        time.sleep(0.05)
         with guard:
             running.discard(label)
         run_benchmark.atomic_write_json(job["result_path"], {"status": "failed", "seed": job["seed"], "error": "fake"})
