@@ -401,6 +401,7 @@ def failure(job, exc):
 # ---------------------------------------------------------------------------------------- orchestration
 
 _CHILDREN = set()  # running workers (several with --jobs)
+_STOPPING = threading.Event()  # set when --jobs runs are being stopped: a killed worker is not a failure
 
 
 def _terminate_child(signum, frame):
@@ -457,6 +458,9 @@ def run_job(job, isolation, label):
         log_path = Path(job["output_dir"]) / "run.log"
         rc = run_subprocess(job, log_path)
         ok = rc == 0 and is_done(job["result_path"], job["key"], job["data_fingerprint"])
+        if not ok and _STOPPING.is_set():
+            print(f"{label}: stopped (the same command resumes it)", flush=True)
+            return
         if not ok and not Path(job["result_path"]).with_suffix(".failed.json").exists():
             failure(job, RuntimeError(f"worker exited with {rc}; see {log_path}"))
     else:
@@ -499,28 +503,34 @@ def run_jobs(jobs, args, tag, write_report):
     """Every job in order, ``--jobs`` of them at a time (each in its own worker process). An error or a
     signal stops the workers that run and starts no new one; the report is written by one thread at a time."""
     args.job_list = jobs
+    _STOPPING.clear()
     if args.jobs <= 1:
         for n, job in enumerate(jobs, 1):
             run_one(n, job, args, tag, write_report)
         return
     from concurrent.futures import ThreadPoolExecutor
 
-    report_lock, stopping = threading.Lock(), threading.Event()
+    report_lock = threading.Lock()
 
     def locked_report():
         with report_lock:
             write_report()
 
     def one(n, job):
-        if not stopping.is_set():
+        if _STOPPING.is_set():
+            return
+        try:
             run_one(n, job, args, tag, locked_report)
+        except BaseException:
+            _STOPPING.set()  # before this thread can take the next job
+            raise
 
     pool = ThreadPoolExecutor(max_workers=args.jobs, thread_name_prefix="bench")
     try:
         for future in [pool.submit(one, n, job) for n, job in enumerate(jobs, 1)]:
             future.result()
     finally:  # also on SIGTERM / Ctrl-C (the main thread's wait is interrupted): stop every worker
-        stopping.set()
+        _STOPPING.set()
         for child in list(_CHILDREN):
             _stop(child)
         pool.shutdown(wait=True, cancel_futures=True)

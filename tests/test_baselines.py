@@ -3,6 +3,7 @@ import json
 import math
 import os
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -239,7 +240,6 @@ def test_harness_skips_a_row_another_invocation_is_running(tmp_path, tiny_root, 
 
 
 def test_harness_jobs_runs_rows_side_by_side_and_stops_them_all(tmp_path, tiny_root, monkeypatch, capsys):
-    import threading
     import time
 
     args = harness_args(tiny_root / "tiny", tmp_path, "LRURec,FMLPRec,SASRec", "--seeds", "2")
@@ -275,6 +275,22 @@ def test_harness_jobs_runs_rows_side_by_side_and_stops_them_all(tmp_path, tiny_r
     with pytest.raises(KeyboardInterrupt):
         run_benchmark.main(args + ["--jobs", "2"])
     assert len(seen) <= 2
+
+
+def test_harness_a_worker_killed_while_jobs_stop_is_not_a_failure(tmp_path, monkeypatch, capsys):
+    job = {"row": "LRURec", "model": "LRURec", "dataset": "tiny", "tag": "cpu", "seed": 2020, "key": "k", "command": "c",
+           "data_fingerprint": None, "output_dir": str(tmp_path / "w"),
+           "result_path": str(tmp_path / "r" / "seed-2020.json")}
+    monkeypatch.setattr(run_benchmark, "run_subprocess", lambda job, log: -15)
+    monkeypatch.setattr(run_benchmark, "_STOPPING", threading.Event())
+    run_benchmark._STOPPING.set()
+    run_benchmark.run_job(job, "subprocess", "[1/2] LRURec seed 2020 (cpu)")
+    assert "[1/2] LRURec seed 2020 (cpu): stopped (the same command resumes it)" in capsys.readouterr().out
+    assert not Path(job["result_path"]).with_suffix(".failed.json").exists()
+    run_benchmark._STOPPING.clear()  # the same exit outside a stop is a failure, recorded
+    run_benchmark.run_job(job, "subprocess", "[1/2] LRURec seed 2020 (cpu)")
+    failed = json.loads(Path(job["result_path"]).with_suffix(".failed.json").read_text())
+    assert "worker exited with -15" in failed["error"] and "FAILED" in capsys.readouterr().out
 
 
 def test_harness_jobs_with_real_worker_processes(tmp_path, tiny_root):
