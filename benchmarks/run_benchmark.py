@@ -480,11 +480,11 @@ def run_job(job, isolation, label):
     print(f"{label}: {status} in {time.perf_counter() - t0:.0f}s{extra}", flush=True)
 
 
-def run_one(n, job, args, tag, write_report):
+def run_one(n, total, job, args, tag, write_report):
     """Run one (row, seed) unless it is finished or another invocation holds it; then refresh the report."""
     from dataset_tools.lock import OutputLockedError, output_lock
 
-    label = f"[{n}/{len(args.job_list)}] {job['row']} seed {job['seed']} ({tag})"
+    label = f"[{n}/{total}] {job['row']} seed {job['seed']} ({tag})"
     if not args.force and is_done(job["result_path"], job["key"], job["data_fingerprint"]):
         print(f"{label}: done, skipped", flush=True)
         return
@@ -502,11 +502,10 @@ def run_one(n, job, args, tag, write_report):
 def run_jobs(jobs, args, tag, write_report):
     """Every job in order, ``--jobs`` of them at a time (each in its own worker process). An error or a
     signal stops the workers that run and starts no new one; the report is written by one thread at a time."""
-    args.job_list = jobs
     _STOPPING.clear()
     if args.jobs <= 1:
         for n, job in enumerate(jobs, 1):
-            run_one(n, job, args, tag, write_report)
+            run_one(n, len(jobs), job, args, tag, write_report)
         return
     from concurrent.futures import ThreadPoolExecutor
 
@@ -520,7 +519,7 @@ def run_jobs(jobs, args, tag, write_report):
         if _STOPPING.is_set():
             return
         try:
-            run_one(n, job, args, tag, locked_report)
+            run_one(n, len(jobs), job, args, tag, locked_report)
         except BaseException:
             _STOPPING.set()  # before this thread can take the next job
             raise
