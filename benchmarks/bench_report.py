@@ -268,8 +268,9 @@ SINGLE_ROW = re.compile(r"^(?P<base>.+)-single-(?P<size>\d+)$")
 PAIR_METRICS = ("ndcg@10", "recall@10")
 
 
-def _pair(size, nested, single):
-    """One size: the nested row's size-m metrics and the single-size row's, mean (std) over seeds, and ratios."""
+def _pair(size, nested, single, unfinished=()):
+    """One size: the nested row's size-m metrics and the single-size row's, mean (std) over seeds, and ratios;
+    without a finished single-size run, the unfinished ones' progress and a validation ratio bound."""
     out = OrderedDict(size=size, nested_seeds=len(nested), single_seeds=len(single))
     out["nested_params"] = nested[0]["size_results"][str(size)]["params"] if nested else None
     out["single_params"] = single[0]["params"] if single else None
@@ -283,6 +284,12 @@ def _pair(size, nested, single):
     out["single_epochs"] = mean_std([r["epochs"] for r in single])[0]
     out["single_best_epoch"] = mean_std([r["best_epoch"] for r in single])[0]
     out["single_stopped_by"] = "; ".join(sorted({r["stopped_by"] for r in single}))
+    # an independent run still training: its best validation so far can only rise, so the ratio is an upper bound
+    out["single_unfinished"] = [] if single else [
+        {k: u[k] for k in ("seed", "epochs", "best_epoch", "best_valid")} for u in unfinished]
+    best_so_far = max((u["best_valid"] for u in out["single_unfinished"]), default=None)
+    n_valid = out["valid_ndcg@10_nested"]
+    out["valid_ndcg@10_ratio_bound"] = n_valid / best_so_far if n_valid is not None and best_so_far else None
     return out
 
 
@@ -296,14 +303,24 @@ def nested_vs_independent(runs):
         singles = {}
         for name, entry in rows.items():
             match = SINGLE_ROW.match(name)
-            if match and entry["runs"]:
-                singles.setdefault(match["base"], {})[int(match["size"])] = entry["runs"]
+            if match and (entry["runs"] or entry["unfinished"]):
+                singles.setdefault(match["base"], {})[int(match["size"])] = entry
         for base, by_size in singles.items():
             nested = [r for r in rows.get(base, {}).get("runs", []) if r.get("size_results")]
             sizes = set(by_size) | {int(m) for r in nested for m in r["size_results"]}
-            out[tag, base] = [_pair(m, [r for r in nested if str(m) in r["size_results"]], by_size.get(m, []))
+            empty = {"runs": [], "unfinished": []}
+            out[tag, base] = [_pair(m, [r for r in nested if str(m) in r["size_results"]],
+                                    by_size.get(m, empty)["runs"], by_size.get(m, empty)["unfinished"])
                               for m in sorted(sizes)]
     return out
+
+
+def _single_stop(pair):
+    """The independent side's last column: epochs (best) and what stopped it, or how far an unfinished run got."""
+    if pair["single_seeds"]:
+        return f"{pair['single_epochs']:.0f} ({pair['single_best_epoch']:.0f}), {pair['single_stopped_by']}"
+    return "; ".join(f"**unfinished** (seed {u['seed']}): {u['epochs']} epochs, best valid N@10 {u['best_valid']:.4f} "
+                     f"at epoch {u['best_epoch']}" for u in pair["single_unfinished"])
 
 
 def nested_markdown(pairs, png_name):
@@ -313,7 +330,8 @@ def nested_markdown(pairs, png_name):
              "chosen on the largest size's validation NDCG@10) beside a model trained alone at hidden_size = m "
              "(`<row>-single-<m>`: fmrl_sizes = [m], every other setting the row's, its own early stopping). "
              "*ratio* = nested / independent (Matryoshka bar: 1.0). Test split unless marked *valid*; means over "
-             "seeds (± sample std).", ""]
+             "seeds (± sample std). An independent run still training has no test result yet; its best validation "
+             "NDCG@10 so far can only rise, so *≤ r (so far)* bounds the final validation ratio from above.", ""]
     head = ["size m", "seeds (nested / indep.)", "N@10 nested", "N@10 indep.", "ratio", "R@10 nested", "R@10 indep.",
             "ratio", "valid N@10 ratio", "params nested / indep.", "indep. epochs (best), stop"]
     for (tag, row), pairs_ in pairs.items():
@@ -327,10 +345,10 @@ def nested_markdown(pairs, png_name):
                      fmt_metric(p["test_ndcg@10_single"], p["test_ndcg@10_single_std"]), ratio("test_ndcg@10_ratio"),
                      fmt_metric(p["test_recall@10_nested"], p["test_recall@10_nested_std"]),
                      fmt_metric(p["test_recall@10_single"], p["test_recall@10_single_std"]),
-                     ratio("test_recall@10_ratio"), ratio("valid_ndcg@10_ratio"),
-                     f"{fmt_params(p['nested_params'])} / {fmt_params(p['single_params'])}",
-                     "" if not p["single_seeds"] else
-                     f"{p['single_epochs']:.0f} ({p['single_best_epoch']:.0f}), {p['single_stopped_by']}"]
+                     ratio("test_recall@10_ratio"),
+                     ratio("valid_ndcg@10_ratio") or (p["valid_ndcg@10_ratio_bound"] is not None
+                                                      and f"≤ {p['valid_ndcg@10_ratio_bound']:.2f} (so far)") or "",
+                     f"{fmt_params(p['nested_params'])} / {fmt_params(p['single_params'])}", _single_stop(p)]
             lines.append("| " + " | ".join(str(c) for c in cells) + " |")
         lines.append("")
     return lines + [f"![nested vs independent]({png_name})", ""]
@@ -370,7 +388,9 @@ def write_nested(dataset, results_dir, runs):
     stem = Path(results_dir) / f"{dataset}-nested-vs-independent"
     md, csv_path, png = stem.with_suffix(".md"), stem.with_suffix(".csv"), stem.with_suffix(".png")
     section = nested_markdown(pairs, png.name)
-    write_csv(csv_path, [OrderedDict(tag=tag, row=row, **p) for (tag, row), ps in pairs.items() for p in ps])
+    write_csv(csv_path, [OrderedDict(tag=tag, row=row, **{**p, "single_unfinished": json.dumps(p["single_unfinished"])
+                                                         if p["single_unfinished"] else None})
+                         for (tag, row), ps in pairs.items() for p in ps])
     plot_nested(png, dataset, pairs)
     atomic_write.write_text(md, "\n".join([f"# {dataset}: nested against independent sizes", "",
                               f"Written by `benchmarks/bench_report.py` from `results/{dataset}/runs/`.", ""]

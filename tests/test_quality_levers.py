@@ -1,5 +1,6 @@
 """Issue 11's quality levers: SASRec at every position, hybrid text+ID items, single-size rows and the
 nested-vs-independent report, on the tiny dataset and synthetic benchmark results."""
+import csv
 import json
 import sys
 from pathlib import Path
@@ -211,6 +212,11 @@ def test_nested_vs_independent_report_on_synthetic_results(tmp_path):
                fake_result("FMRLRec-text-single-8", 2, 0.04, 0.04, {8: (0.04, 0.04)}, params=800),
                fake_result("FMRLRec-text-single-32", 1, 0.0625, 0.08, {32: (0.0625, 0.08)}, params=3200)]
     write_results(tmp_path, nested + singles)
+    progress = tmp_path / "toy" / "runs" / "cpu" / "FMRLRec-text-single-16" / "seed-1.progress.json"
+    progress.parent.mkdir(parents=True)
+    progress.write_text(json.dumps({"status": "unfinished", "row": "FMRLRec-text-single-16", "seed": 1, "epochs": 9,
+                                    "command": "python benchmarks/run_benchmark.py --dataset toy --models single",
+                                    "best_epoch": 8, "best_valid": 0.03, "valid_curve": [0.01] * 7 + [0.03, 0.02]}))
     settings = run_benchmark.load_settings("toy")  # no toy.yaml: rows.yaml and common.yaml only
     written = bench_report.write_report("toy", tmp_path, settings)
     stem = tmp_path / "toy-nested-vs-independent"
@@ -225,11 +231,16 @@ def test_nested_vs_independent_report_on_synthetic_results(tmp_path):
     assert size8["test_ndcg@10_ratio"] == pytest.approx(0.5) and size8["test_recall@10_ratio"] == pytest.approx(0.5)
     assert size8["valid_ndcg@10_ratio"] == pytest.approx(0.022 / 0.042)
     assert (size8["nested_seeds"], size8["single_seeds"], size8["single_params"]) == (2, 2, 800)
-    assert size16["single_seeds"] == 0 and size16["test_ndcg@10_ratio"] is None  # no independent run yet
+    assert size16["single_seeds"] == 0 and size16["test_ndcg@10_ratio"] is None  # the independent run is unfinished
+    assert size16["valid_ndcg@10_ratio_bound"] == pytest.approx(0.024 / 0.03)  # nested valid mean / best so far
+    assert size8["valid_ndcg@10_ratio_bound"] is None and size8["single_unfinished"] == []
     assert size32["test_ndcg@10_ratio"] == pytest.approx(0.05 / 0.0625)
 
     md = stem.with_suffix(".md").read_text()
     assert "| 8 | 2 / 2 | 0.0200 ± 0.0141 | 0.0400 ± 0.0000 | 0.50 |" in md and "| 32 | 2 / 1 |" in md and "0.80" in md
+    assert "| ≤ 0.80 (so far) |" in md and "**unfinished** (seed 1): 9 epochs, best valid N@10 0.0300 at epoch 8" in md
+    csv_rows = list(csv.DictReader(open(stem.with_suffix(".csv"))))
+    assert json.loads(csv_rows[1]["single_unfinished"])[0]["epochs"] == 9 and csv_rows[0]["single_unfinished"] == ""
     main = (tmp_path / "toy.md").read_text()
     assert "## Nested sizes against independently trained ones" in main and "toy-nested-vs-independent.png" in main
     assert "FMRLRec-text-single-8 |" not in main  # single-size rows stay out of the main table
