@@ -293,25 +293,33 @@ def _pair(size, nested, single, unfinished=()):
     return out
 
 
-def nested_vs_independent(runs):
-    """{(tag, row): [per-size pairs]}: row's nested size-m results beside its ``<row>-single-<m>`` runs.
+def nested_vs_independent(runs, settings=None):
+    """{(tag, row): [per-size pairs]}: row's nested size-m results beside its ``<row>-single-<m>`` runs,
+    and a lever row's (``independent_of: <row>`` in rows.yaml) beside that row's single-size runs.
 
     Sizes are the union of the nested row's sizes and the single-size rows found; a missing side is blank.
     """
     out = OrderedDict()
+    levers = {row: spec["independent_of"] for row, spec in ((settings or {}).get("rows") or {}).items()
+              if spec.get("independent_of")}
     for tag, rows in runs.items():
         singles = {}
         for name, entry in rows.items():
             match = SINGLE_ROW.match(name)
             if match and (entry["runs"] or entry["unfinished"]):
                 singles.setdefault(match["base"], {})[int(match["size"])] = entry
-        for base, by_size in singles.items():
-            nested = [r for r in rows.get(base, {}).get("runs", []) if r.get("size_results")]
+        pairings = [(base, base) for base in singles] + [(lever, base) for lever, base in levers.items()
+                                                          if base in singles and rows.get(lever, {}).get("runs")]
+        for row, base in pairings:
+            by_size = singles[base]
+            nested = [r for r in rows.get(row, {}).get("runs", []) if r.get("size_results")]
             sizes = set(by_size) | {int(m) for r in nested for m in r["size_results"]}
             empty = {"runs": [], "unfinished": []}
-            out[tag, base] = [_pair(m, [r for r in nested if str(m) in r["size_results"]],
+            out[tag, row] = [_pair(m, [r for r in nested if str(m) in r["size_results"]],
                                     by_size.get(m, empty)["runs"], by_size.get(m, empty)["unfinished"])
                               for m in sorted(sizes)]
+            for pair in out[tag, row]:
+                pair["independent_of"] = base
     return out
 
 
@@ -335,7 +343,11 @@ def nested_markdown(pairs, png_name):
     head = ["size m", "seeds (nested / indep.)", "N@10 nested", "N@10 indep.", "ratio", "R@10 nested", "R@10 indep.",
             "ratio", "valid N@10 ratio", "params nested / indep.", "indep. epochs (best), stop"]
     for (tag, row), pairs_ in pairs.items():
-        lines += [f"### {row} ({tag})", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += [f"### {row} ({tag})", ""]
+        if pairs_ and pairs_[0]["independent_of"] != row:
+            lines += [f"Independent side: `{pairs_[0]['independent_of']}-single-<m>` (the lever changes the nested "
+                      "training only).", ""]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for p in pairs_:
             def ratio(key, p=p):
                 return "" if p[key] is None else f"{p[key]:.2f}"
@@ -380,9 +392,9 @@ def plot_nested(path, dataset, pairs):
     plt.close(fig)
 
 
-def write_nested(dataset, results_dir, runs):
+def write_nested(dataset, results_dir, runs, settings=None):
     """results/<dataset>-nested-vs-independent.{md,csv,png}; returns (paths, section lines)."""
-    pairs = nested_vs_independent(runs)
+    pairs = nested_vs_independent(runs, settings)
     if not pairs:
         return [], []
     stem = Path(results_dir) / f"{dataset}-nested-vs-independent"
@@ -565,7 +577,7 @@ def write_report(dataset, results_dir, settings):
         write_csv(sizes_csv, rows)
         plot_sizes(sizes_png, dataset, series)
         written += [sizes_csv, sizes_png]
-    nested_paths, nested_section = write_nested(dataset, results_dir, runs)
+    nested_paths, nested_section = write_nested(dataset, results_dir, runs, settings)
     curves_png = results_dir / f"{dataset}-curves.png"
     if plot_curves(curves_png, dataset, runs):
         written.append(curves_png)

@@ -2,6 +2,7 @@
 nested-vs-independent report, on the tiny dataset and synthetic benchmark results."""
 import csv
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -10,7 +11,9 @@ import torch
 from torch.nn import functional as F
 
 from recbole_fmrl.data.modality import has_id_table, modality_parts
+from recbole_fmrl.errors import InputError
 from recbole_fmrl.train.driver import prepare, run
+from recbole_fmrl.train.trainer import select_score
 from tests.conftest import write_tiny_dataset
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -246,6 +249,23 @@ def test_nested_vs_independent_report_on_synthetic_results(tmp_path):
     assert "FMRLRec-text-single-8 |" not in main  # single-size rows stay out of the main table
 
 
+def test_a_lever_row_sits_beside_its_base_rows_independent_models(tmp_path):
+    """rows.yaml ``independent_of``: FMRLRec-text-small-weights' sizes beside FMRLRec-text-single-<m>."""
+    write_results(tmp_path, [
+        fake_result("FMRLRec-text", 1, 0.04, 0.05, {8: (0.01, 0.012), 16: (0.04, 0.05)}),
+        fake_result("FMRLRec-text-small-weights", 1, 0.035, 0.045, {8: (0.03, 0.033), 16: (0.035, 0.045)}),
+        fake_result("FMRLRec-text-single-8", 1, 0.04, 0.044, {8: (0.04, 0.044)}, params=800)])
+    settings = run_benchmark.load_settings("toy")
+    assert settings["rows"]["FMRLRec-text-small-weights"]["independent_of"] == "FMRLRec-text"
+    pairs = bench_report.nested_vs_independent(bench_report.load_runs(tmp_path, "toy"), settings)
+    assert list(pairs) == [("cpu", "FMRLRec-text"), ("cpu", "FMRLRec-text-small-weights")]
+    lever8 = pairs["cpu", "FMRLRec-text-small-weights"][0]
+    assert lever8["test_ndcg@10_ratio"] == pytest.approx(0.03 / 0.04) and lever8["independent_of"] == "FMRLRec-text"
+    section = "\n".join(bench_report.nested_markdown(pairs, "x.png"))
+    assert "### FMRLRec-text-small-weights (cpu)\n\nIndependent side: `FMRLRec-text-single-<m>`" in section
+    assert bench_report.nested_vs_independent(bench_report.load_runs(tmp_path, "toy")).keys() == {("cpu", "FMRLRec-text")}
+
+
 # ------------------------------------------------------------------------------------ per-size weights
 
 def test_size_weights_as_a_mapping_fit_any_largest_size(tiny_config):
@@ -260,3 +280,34 @@ def test_size_weights_as_a_mapping_fit_any_largest_size(tiny_config):
     assert len(per_size) == 3 and all(torch.isfinite(t) for t in per_size)
     _, listed, _, _ = build(tiny_config, "FMRLRec", hidden_size=32, fmrl_sizes=[8, 16, 32], fmrl_size_weights=[3, 2, 1])
     torch.testing.assert_close(listed.size_weights, net.size_weights)
+
+
+# ----------------------------------------------------------------------- selection over every size
+
+@pytest.mark.parametrize("rule", ["mean", "geomean"])
+def test_select_on_every_size_drives_early_stopping_and_the_best_checkpoint(tiny_config, rule):
+    """The score each validation hands early stopping is the rule applied to every size's NDCG@10,
+    even when the harness asked for largest-size-only validation; the best epoch maximises it."""
+    records = []
+    result = run("FMRLRec", "tiny", config_dict=tiny_config(epochs=4, fmrl_select_on=rule, fmrl_valid_every_size=False),
+                 on_evaluation=records.append, log=False)
+    for r in records:
+        per_size = [s["ndcg@10"] for s in r["size_results"].values()]
+        expected = sum(per_size) / 2 if rule == "mean" else math.sqrt(per_size[0] * per_size[1])
+        assert r["valid_score"] == pytest.approx(expected, rel=1e-9)
+        assert r["valid_result"]["ndcg@10"] == r["size_results"][16]["ndcg@10"]  # the result stays the largest's
+    scores = [r["valid_score"] for r in records]
+    best = max(range(len(scores)), key=scores.__getitem__)
+    assert records[-1]["best_epoch"] == records[best]["epoch"] and result["best_valid_score"] == scores[best]
+    # the tested checkpoint is the selected epoch's: its validation at every size reproduces that epoch's
+    assert result["size_results"][8]["valid"]["ndcg@10"] == pytest.approx(records[best]["size_results"][8]["ndcg@10"])
+
+
+def test_select_on_names_the_key_for_an_unknown_rule(tiny_config):
+    with pytest.raises(InputError, match=r"^fmrl_select_on: 'median' is not one of largest, mean, geomean$"):
+        build(tiny_config, "FMRLRec", fmrl_select_on="median")
+
+
+def test_geomean_selection_scores_zero_when_a_size_scores_zero():
+    assert select_score([0.0, 0.04], "geomean") == 0.0 and select_score([0.01, 0.04], "geomean") == pytest.approx(0.02)
+    assert select_score([0.01, 0.04], "mean") == pytest.approx(0.025)

@@ -5,11 +5,13 @@
   which the CLI, Ray Tune trials and the benchmark harness use alike.
 - Models with ``full_sort_predict_sizes`` are evaluated at every nested size from one forward
   pass per batch; ``evaluate`` returns the largest size's metrics (early stopping uses them) and
-  keeps all sizes in ``self.size_results``.
+  keeps all sizes in ``self.size_results``; ``fmrl_select_on`` mean / geomean make early stopping and
+  the best checkpoint follow every size's validation metric instead.
 - Checkpoints reload under torch >= 2.6 (see ``checkpoint.py``).
 - AdamW decays only weight matrices, not biases, norms or the LRU's log-parameters.
 """
 import copy
+import math
 import os
 import time
 from collections import OrderedDict
@@ -29,7 +31,7 @@ from recbole_fmrl.train.outputs import tensorboard_under
 NO_DECAY_MARKERS = ("bias", "ln1.", "ln2.", "norm", "params_log")
 # Settings a resumed run must share with the run it continues (the rest may change, e.g. epochs).
 RESUME_KEYS = ("model", "dataset", "seed", "hidden_size", "n_layers", "fmrl_sizes", "fmrl_size_weights",
-               "fmrl_modality", "fmrl_train_objective", "MAX_ITEM_LIST_LENGTH", "train_batch_size", "learner",
+               "fmrl_modality", "fmrl_train_objective", "fmrl_select_on", "MAX_ITEM_LIST_LENGTH", "train_batch_size", "learner",
                "learning_rate", "weight_decay", "eval_step", "stopping_step", "valid_metric")
 
 
@@ -39,6 +41,28 @@ def check_resumable(saved, config, resume_file):
         if key in saved and checkpoint.plain(config[key]) != saved[key]:
             raise InputError(f"{resume_file}: written with {key}={saved[key]!r}, this run has {key}="
                              f"{checkpoint.plain(config[key])!r}; resume with the original settings")
+
+
+SELECTION_RULES = ("largest", "mean", "geomean")
+
+
+def selection_rule(config):
+    """``fmrl_select_on``: whose validation metric early stopping and the best checkpoint follow: the
+    largest size (the paper), or the mean / geometric mean over every nested size (each size's relative
+    gain counts alike: training runs on while the small sizes still improve)."""
+    rule = str(config["fmrl_select_on"] if "fmrl_select_on" in config and config["fmrl_select_on"] else "largest")
+    if rule not in SELECTION_RULES:
+        raise InputError(f"fmrl_select_on: {rule!r} is not one of {', '.join(SELECTION_RULES)}")
+    return rule
+
+
+def select_score(per_size, rule):
+    """One validation score from every size's metric (``rule`` mean or geomean); 0 if any size scores 0."""
+    if rule == "mean":
+        return sum(per_size) / len(per_size)
+    if min(per_size) <= 0:
+        return 0.0
+    return math.exp(sum(math.log(v) for v in per_size) / len(per_size))
 
 
 class StatsCollector(Collector):
@@ -66,8 +90,10 @@ class FMRLTrainer(Trainer):
         self.eval_collector = StatsCollector(config)  # train-statistic metrics work in RecBole's evaluate too
         self.size_results = None
         self.best_epoch = -1
-        # Per-epoch validation of every size costs K top-k sorts; early stopping reads the largest only.
-        self.valid_every_size = bool(config["fmrl_valid_every_size"]) if "fmrl_valid_every_size" in config else True
+        self.select_on = selection_rule(config)
+        # Per-epoch validation of every size costs K top-k sorts; early stopping on the largest reads one.
+        self.valid_every_size = self.select_on != "largest" or (
+            bool(config["fmrl_valid_every_size"]) if "fmrl_valid_every_size" in config else True)
 
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None,
             on_evaluation=None):
@@ -138,7 +164,10 @@ class FMRLTrainer(Trainer):
 
     def _valid_epoch(self, valid_data, show_progress=False):
         if self.valid_every_size:
-            return super()._valid_epoch(valid_data, show_progress)
+            score, result = super()._valid_epoch(valid_data, show_progress)
+            if self.size_results and self.select_on != "largest":
+                score = select_score([r[self.valid_metric] for r in self.size_results.values()], self.select_on)
+            return score, result
         self.size_results = None
         result = distributed.evaluate_plain(self, valid_data) if distributed.active(self.config) else \
             Trainer.evaluate(self, valid_data, load_best_model=False, show_progress=show_progress)
