@@ -376,6 +376,8 @@ def plot_nested(path, dataset, pairs):
     for (tag, row), pairs_ in pairs.items():
         for ax, k in zip(axes, PAIR_METRICS):
             for side, style in (("nested", "-o"), ("single", "--s")):
+                if side == "single" and pairs_ and pairs_[0]["independent_of"] != row:
+                    continue  # a lever row's independent models are its base row's: plotted once
                 points = [(p["size"], p[f"test_{k}_{side}"]) for p in pairs_ if p[f"test_{k}_{side}"] is not None]
                 if points:
                     ax.plot(*zip(*points), style, label=f"{'nested' if side == 'nested' else 'independent'} ({row}, {tag})")
