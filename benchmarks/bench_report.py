@@ -162,7 +162,7 @@ def row_summary(tag, row, spec, entry, paper, not_run_reason, unavailable=None):
         out["train_samples"] = runs[0].get("train_samples")
         out["valid_curve"] = " ".join(f"{v:.4f}" for v in runs[0].get("valid_curve") or [])
         out["isolated"] = all(r.get("isolated") for r in runs)
-        out["unfinished"] = "; ".join(filter(None, (unfinished_text(entry.get("unfinished") or []),
+        out["unfinished"] = "; ".join(filter(None, (unfinished_text(entry.get("unfinished") or [], score_name(spec)),
                                                     not_converged_text(entry.get("not_converged") or []))))
         out["device"] = runs[0]["env"].get("device")
         out["cpu"] = runs[0]["env"].get("cpu")
@@ -171,7 +171,7 @@ def row_summary(tag, row, spec, entry, paper, not_run_reason, unavailable=None):
         out["status"], out["reason"] = "not converged", not_converged_text(entry["not_converged"])
         out["valid_curve"] = " ".join(f"{v:.4f}" for v in entry["not_converged"][0]["valid_curve"])
     elif entry and entry.get("unfinished"):
-        out["status"], out["reason"] = "unfinished", unfinished_text(entry["unfinished"])
+        out["status"], out["reason"] = "unfinished", unfinished_text(entry["unfinished"], score_name(spec))
         out["valid_curve"] = " ".join(f"{v:.4f}" for v in entry["unfinished"][0]["valid_curve"])
     elif (entry and entry.get("unavailable")) or unavailable:
         out["status"], out["reason"] = "cannot run", (entry or {}).get("unavailable") or unavailable
@@ -182,14 +182,20 @@ def row_summary(tag, row, spec, entry, paper, not_run_reason, unavailable=None):
     return out
 
 
-def unfinished_text(progress):
-    """One line per unfinished seed: epochs so far, best validation NDCG@10 and whether it still improves."""
+def score_name(spec):
+    """What a row's validation score is: the largest size's NDCG@10, or a mean over sizes (fmrl_select_on)."""
+    rule = {**(spec.get("config") or {}), **(spec.get("override") or {})}.get("fmrl_select_on", "largest")
+    return "validation NDCG@10" if rule == "largest" else f"validation score ({rule} of every size's NDCG@10)"
+
+
+def unfinished_text(progress, score="validation NDCG@10"):
+    """One line per unfinished seed: epochs so far, best validation score and whether it still improves."""
     parts = []
     for u in progress:
         since = u["epochs"] - u["best_epoch"]
         trend = "still improving" if since == 0 else f"no gain for {since} epochs"
         parts.append(f"seed {u['seed']} unfinished after {u['epochs']} epochs (still running or interrupted; the same command "
-                     f"resumes it): best validation NDCG@10 {u['best_valid']:.4f} at epoch {u['best_epoch']}, {trend}")
+                     f"resumes it): best {score} {u['best_valid']:.4f} at epoch {u['best_epoch']}, {trend}")
     return "; ".join(parts)
 
 

@@ -311,3 +311,12 @@ def test_select_on_names_the_key_for_an_unknown_rule(tiny_config):
 def test_geomean_selection_scores_zero_when_a_size_scores_zero():
     assert select_score([0.0, 0.04], "geomean") == 0.0 and select_score([0.01, 0.04], "geomean") == pytest.approx(0.02)
     assert select_score([0.01, 0.04], "mean") == pytest.approx(0.025)
+
+
+def test_report_names_a_mean_selection_score_for_what_it_is():
+    settings = run_benchmark.load_settings("toy")
+    assert bench_report.score_name(settings["rows"]["FMRLRec-text"]) == "validation NDCG@10"
+    geomean = bench_report.score_name(settings["rows"]["FMRLRec-text-select-geomean"])
+    progress = [{"seed": 1, "epochs": 3, "best_epoch": 3, "best_valid": 0.02}]
+    assert "best validation score (geomean of every size's NDCG@10) 0.0200 at epoch 3" in \
+        bench_report.unfinished_text(progress, geomean)
