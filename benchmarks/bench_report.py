@@ -341,7 +341,8 @@ def nested_markdown(pairs, png_name):
     """The nested-vs-independent section: one table per (tag, row), then the plot."""
     lines = ["## Nested sizes against independently trained ones", "",
              "Each size m: the nested model's size-m result (the first m dims of one trained model, its checkpoint "
-             "chosen on the largest size's validation NDCG@10) beside a model trained alone at hidden_size = m "
+             "chosen on the largest size's validation NDCG@10 unless the row's fmrl_select_on says otherwise) beside a model "
+             "trained alone at hidden_size = m "
              "(`<row>-single-<m>`: fmrl_sizes = [m], every other setting the row's, its own early stopping). "
              "*ratio* = nested / independent (Matryoshka bar: 1.0). Test split unless marked *valid*; means over "
              "seeds (± sample std). An independent run still training has no test result yet; its best validation "
