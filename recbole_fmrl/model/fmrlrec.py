@@ -21,9 +21,10 @@ from torch.nn import functional as F
 from recbole_fmrl.data.modality import has_id_table, modality_parts
 from recbole_fmrl.model.fusion import FeatureFusion, IdEmbedding
 from recbole_fmrl.model.labels import labelled_states
-from recbole_fmrl.model.loss import matryoshka_cross_entropy, matryoshka_logits
+from recbole_fmrl.model.loss import matryoshka_logits
 from recbole_fmrl.model.lru import LRULayer, Packing
 from recbole_fmrl.model.nested import NestedLayerNorm, NestedLinear, check_sizes, default_sizes
+from recbole_fmrl.model.sampled_loss import nested_softmax_loss, train_negatives
 
 
 class FMRLBlock(nn.Module):
@@ -66,6 +67,7 @@ class FMRLRec(SequentialRecommender):
         self.modality = dataset.fmrl_modality if hasattr(dataset, "fmrl_modality") else config["fmrl_modality"]
         self.loss_chunk_size = config["fmrl_loss_chunk_size"]
         self.native_loss = config["fmrl_native_loss"]
+        self.train_negatives = train_negatives(config)
         self.target_list_field = getattr(dataset, "target_list_field", None)
         self._build_args = (config, dataset)  # to build sub-models of smaller sizes
         self._table_cache = None
@@ -123,8 +125,9 @@ class FMRLRec(SequentialRecommender):
         table = self.item_table()  # [N+1 d], once for inputs and outputs of every size
         x, packing = self.encode(item_seq, item_seq_len, table)  # [V d]
         hidden, labels = labelled_states(self, interaction, x, x[packing.last], packing.gather)  # [P d], [P]
-        per_size = matryoshka_cross_entropy(hidden, table[1:], labels - 1, self.sizes, self.loss_chunk_size,
-                                            weights=self.size_weights, native=self.native_loss)
+        per_size = nested_softmax_loss(hidden, table[1:], labels - 1, self.sizes, self.train_negatives,
+                                       chunk_size=self.loss_chunk_size, weights=self.size_weights,
+                                       native=self.native_loss)
         return tuple(per_size * self.size_weights)  # RecBole sums them and logs each size
 
     def _last_hidden(self, interaction):

@@ -12,7 +12,9 @@ LayerNorm -> Dropout -> RecBole's post-LN ``TransformerEncoder`` with a causal a
 scores against the tied item embedding) trained the way the strongest published SASRec numbers
 were: a full-softmax cross-entropy over all items at *every* position of a user window
 (``fmrl_train_objective: all_positions``, the windows FMRLRec and LRURec train on), not only at the
-last position of RecBole's prefix-augmented samples (``last_position`` still works).
+last position of RecBole's prefix-augmented samples (``last_position`` still works). With
+``fmrl_train_negatives: n`` the softmax at each position covers the label and n uniformly drawn items
+(eSASRec's "SASRec+SS", n = 256) instead of every item.
 
 RecBole pads on the right, so position ids count from the first real item and the batch is cut
 to its longest sequence (trailing padding is masked anyway). The softmax excludes the padding
@@ -25,7 +27,7 @@ from recbole.utils import InputType
 from torch import nn
 
 from recbole_fmrl.model.labels import labelled_states
-from recbole_fmrl.model.loss import matryoshka_cross_entropy
+from recbole_fmrl.model.sampled_loss import nested_softmax_loss, train_negatives
 
 
 class SASRecAP(SequentialRecommender):
@@ -46,6 +48,7 @@ class SASRecAP(SequentialRecommender):
         self.initializer_range = config["initializer_range"]
         self.loss_chunk_size = config["fmrl_loss_chunk_size"]
         self.native_loss = config["fmrl_native_loss"]
+        self.train_negatives = train_negatives(config)
         if config["loss_type"] != "CE":
             raise ValueError(f"SASRecAP supports loss_type CE only, got {config['loss_type']!r}")
         self.target_list_field = getattr(dataset, "target_list_field", None)
@@ -90,8 +93,8 @@ class SASRecAP(SequentialRecommender):
         hidden, labels = labelled_states(self, interaction, states, last,
                                          lambda targets: targets[:, : states.shape[1]])  # [P d], [P]
         table = self.item_embedding.weight[1:]  # [N d], padding excluded from the softmax
-        loss = matryoshka_cross_entropy(hidden, table, labels - 1, [self.hidden_size], self.loss_chunk_size,
-                                        weights=hidden.new_ones(1), native=self.native_loss)
+        loss = nested_softmax_loss(hidden, table, labels - 1, [self.hidden_size], self.train_negatives,
+                                   chunk_size=self.loss_chunk_size, weights=hidden.new_ones(1), native=self.native_loss)
         return loss[0]
 
     def predict(self, interaction):
