@@ -1,4 +1,5 @@
 """FMLPRec and LRURec (plugin baselines) and the benchmark harness's resume logic, on the tiny dataset."""
+import csv
 import json
 import math
 import os
@@ -391,3 +392,27 @@ def test_harness_largest_size_validation_matches_the_per_size_trainer(tiny_confi
     assert len(fast["valid_curve"]) == 3 and fast["valid_curve"] == full["valid_curve"]
     assert fast["test"] == full["test"] and fast["size_results"] == full["size_results"]
     assert sorted(fast["size_results"], key=int) == ["8", "16"]
+
+
+def test_history_filter_retests_kept_checkpoints_and_reproduces_the_reported_test(tmp_path, tiny_root, capsys):
+    import history_filter
+
+    args = harness_args(tiny_root / "tiny", tmp_path, "LRURec,FMRLRec-text", "--keep-checkpoints",
+                        "--max-epochs", "2")
+    assert run_benchmark.main(args) == 0
+    results = tmp_path / "results"
+    argv = ["--dataset", "tiny", "--data-path", str(tiny_root), "--results", str(results)]
+    history_filter.main(argv)
+    table = list(csv.DictReader((results / "tiny-history-filter.csv").open()))
+    assert sorted(r["row"] for r in table) == ["FMRLRec-text", "LRURec"]
+    for r in table:  # ranking every item reproduces the benchmark's own test number
+        assert abs(float(r["ndcg@10"]) - float(r["reported_ndcg@10"])) <= 1e-4
+        assert 0 <= float(r["masked_ndcg@10"]) <= 1
+    markdown = (results / "tiny-history-filter.md").read_text()
+    assert markdown.count("| yes |") == 2 and "**no**" not in markdown
+    cache = next((tmp_path / "work").rglob(history_filter.CACHE_NAME))
+    before = cache.stat().st_mtime_ns
+    capsys.readouterr()
+    history_filter.main(argv)  # cached: nothing is re-evaluated, the report is the same
+    assert cache.stat().st_mtime_ns == before
+    assert (results / "tiny-history-filter.md").read_text() == markdown

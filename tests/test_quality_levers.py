@@ -320,3 +320,42 @@ def test_report_names_a_mean_selection_score_for_what_it_is():
     progress = [{"seed": 1, "epochs": 3, "best_epoch": 3, "best_valid": 0.02}]
     assert "best validation score (geomean of every size's NDCG@10) 0.0200 at epoch 3" in \
         bench_report.unfinished_text(progress, geomean)
+
+
+# ------------------------------------------------------------------------------- history-masked evaluation
+
+def _reference_ndcg(scores, interaction, mask, k=10):
+    """NDCG@k of the positive item by hand: padding excluded, and with ``mask`` the input window's items."""
+    scores = scores.clone()
+    scores[:, 0] = -torch.inf
+    for b, row in enumerate(interaction["item_id_list"]):
+        if mask:
+            scores[b, row[row > 0]] = -torch.inf
+    positive = scores.gather(1, interaction["item_id"][:, None])  # [B 1]
+    rank = (scores > positive).sum(1)  # [B], 0 = first
+    return torch.where(rank < k, 1.0 / torch.log2(rank.double() + 2), torch.zeros_like(rank, dtype=torch.double))
+
+
+@pytest.mark.parametrize("model", ["FMRLRec", "SASRecAP", "LRURec"])
+def test_history_masked_evaluation_equals_a_hand_ranking(tiny_config, model):
+    extra = {"inner_size": 32} if model in ("SASRecAP", "LRURec") else {}
+    config, net, trainer, (train, _, test) = build(tiny_config, model, epochs=3, metric_decimal_place=12, **extra)
+    trainer.fit(train, None, saved=False)
+    terms = {}
+    with torch.no_grad():
+        net.eval()
+        for interaction, _, _, _ in test:
+            per_size = net.full_sort_predict_sizes(interaction) if hasattr(net, "sizes") else \
+                net.full_sort_predict(interaction)[None]
+            for k, scores in enumerate(per_size):
+                for mask in (False, True):
+                    terms.setdefault((mask, k), []).append(_reference_ndcg(scores, interaction, mask))
+    largest = len(net.sizes) - 1 if hasattr(net, "sizes") else 0
+    results = {}
+    for mask in (False, True):
+        trainer.config["fmrl_eval_mask_history"] = mask
+        results[mask] = trainer.evaluate(test, load_best_model=False)["ndcg@10"]
+        assert results[mask] == pytest.approx(float(torch.cat(terms[mask, largest]).mean()), abs=1e-9)
+        for k, m in enumerate(getattr(net, "sizes", [])):  # every nested size is masked alike
+            assert trainer.size_results[m]["ndcg@10"] == pytest.approx(float(torch.cat(terms[mask, k]).mean()), abs=1e-9)
+    assert results[True] != results[False]  # the tiny walk's histories do compete for the top 10

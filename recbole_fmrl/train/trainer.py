@@ -65,6 +65,17 @@ def select_score(per_size, rule):
     return math.exp(sum(math.log(v) for v in per_size) / len(per_size))
 
 
+def mask_history(scores, item_seq):
+    """Scores ``[..., B, N+1]`` with every item of each user's input window ``[B L]`` (their history, up
+    to the window length; padding 0) set to -inf, in place: excluded from the ranking."""
+    index = item_seq.expand(*scores.shape[:-2], *item_seq.shape)  # [... B L]
+    return scores.scatter_(-1, index, -torch.inf)
+
+
+def masks_history(config):
+    return bool(config["fmrl_eval_mask_history"]) if "fmrl_eval_mask_history" in config else False
+
+
 class StatsCollector(Collector):
     """RecBole's Collector, whose ``get_data_struct`` also works with the training statistics
     (``data.num_items``: an int, ``data.count_items``: a Counter) that ItemCoverage, AveragePopularity,
@@ -263,6 +274,12 @@ class FMRLTrainer(Trainer):
                 collector.data_struct.set(key, self.eval_collector.data_struct.get(key))
         return collector
 
+    def _full_sort_batch_eval(self, batched_data):  # RecBole's path (baselines, single-size models)
+        interaction, scores, positive_u, positive_i = super()._full_sort_batch_eval(batched_data)
+        if masks_history(self.config) and hasattr(self.model, "ITEM_SEQ"):
+            mask_history(scores, interaction[self.model.ITEM_SEQ].to(scores.device))
+        return interaction, scores, positive_u, positive_i
+
     @torch.no_grad()
     def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
         if not eval_data:
@@ -286,6 +303,8 @@ class FMRLTrainer(Trainer):
             scores[..., 0] = -torch.inf
             if history_index is not None:
                 scores[:, history_index[0], history_index[1]] = -torch.inf
+            if masks_history(self.config):
+                mask_history(scores, interaction[self.model.ITEM_SEQ])
             for collector, size_scores in zip(collectors, scores):
                 collector.eval_batch_collect(size_scores, interaction, positive_u, positive_i)
         distributed.merge_collected(collectors, self.config)  # every rank: all users, in batch order
