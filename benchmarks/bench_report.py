@@ -124,6 +124,9 @@ def settings_text(run):
             parts.append(f"{FEATURE_NORMS.get(r.get('fmrl_feature_norm'), 'raw')} features")
     objective = r.get("fmrl_train_objective") if run["model"] in ("FMRLRec", "LRURec", "FMLPRec", "SASRecAP") else None
     parts.append("all-pos windows" if objective == "all_positions" else "prefix samples")
+    negatives = r.get("fmrl_train_negatives", cfg.get("fmrl_train_negatives"))
+    if negatives:
+        parts.append(f"sampled softmax {negatives} neg")
     drop = r.get("hidden_dropout_prob", r.get("dropout_prob"))
     if drop is not None:
         parts.append(f"drop {drop}")

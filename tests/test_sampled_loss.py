@@ -103,3 +103,17 @@ def test_models_train_with_sampled_negatives(tiny_config, model):
     assert losses[-1] < 0.75 * losses[0]
     # tiny data walks item -> item + 1 80% of the time; a random ranking has NDCG@10 ~0.15
     assert result["test_result"]["ndcg@10"] > 0.4
+
+
+def test_report_names_the_sampled_softmax():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_report
+
+    run = {"model": "SASRecAP", "config": {"fmrl_train_negatives": 256},
+           "resolved": {"hidden_size": 64, "n_layers": 1, "fmrl_train_objective": "all_positions"}}
+    assert "all-pos windows, sampled softmax 256 neg" in bench_report.settings_text(run)
+    run["config"] = {}
+    assert "sampled" not in bench_report.settings_text(run)
