@@ -12,7 +12,9 @@ with ``fmrl_eval_mask_history: True``. Nothing is retrained and nothing is selec
 checkpoints are the ones validation chose.
 
 Writes ``results/<dataset>-history-filter.{md,csv}``; each checkpoint's numbers are cached beside it
-(``history-filter.json``), so an interrupted run resumes where it stopped.
+(``history-filter.json``), so an interrupted run resumes where it stopped. Environment variables in a
+result's checkpoint path are expanded (a result moved by hand may read ``$WORK/...``: set ``WORK`` to
+the benchmark's ``--work-dir``).
 
     python benchmarks/history_filter.py --dataset amazon-beauty --data-path data
 """
@@ -20,6 +22,7 @@ import argparse
 import csv
 import io
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -85,17 +88,18 @@ def collect(runs, data_path, threads):
     checkpoint map to a reason string."""
     rows, total = {}, len(runs)
     for n, (row, seed, result) in enumerate(runs, 1):
-        ckpt = result.get("checkpoint")
+        ckpt = os.path.expandvars(result.get("checkpoint") or "")  # a hand-moved result may say $WORK/...
         if not ckpt or not Path(ckpt).exists():
             rows.setdefault(row, "checkpoint not kept")
             continue
         t0 = time.perf_counter()
-        numbers = cached_retest(result, data_path, threads)
+        numbers = cached_retest(dict(result, checkpoint=ckpt), data_path, threads)
         print(f"[{n}/{total}] {row} seed {seed}: ranked {numbers['ranked']['ndcg@10']:.4f}, "
               f"masked {numbers['masked']['ndcg@10']:.4f} ({time.perf_counter() - t0:.0f}s)", flush=True)
         if not isinstance(rows.get(row), list):
             rows[row] = []
-        rows[row].append({"seed": seed, "reported": {m: float(result["test"][m]) for m in METRICS}, **numbers})
+        of = sum(r == row for r, _, _ in runs)
+        rows[row].append({"seed": seed, "of": of, "reported": {m: float(result["test"][m]) for m in METRICS}, **numbers})
     return rows
 
 
@@ -128,7 +132,8 @@ def report(dataset, rows, command):
         masked = [s["masked"]["ndcg@10"] for s in seeds]
         ok = all(abs(s["ranked"]["ndcg@10"] - s["reported"]["ndcg@10"]) <= 1e-4 for s in seeds)
         ratio = statistics.fmean(m / r for m, r in zip(masked, ranked))
-        lines.append(f"| {row} | {len(seeds)} | {mean_std(ranked)} | {mean_std(masked)} | {ratio:.2f}x | "
+        kept = f"{len(seeds)}" if len(seeds) == seeds[0]["of"] else f"{len(seeds)} of {seeds[0]['of']} (checkpoint not kept)"
+        lines.append(f"| {row} | {kept} | {mean_std(ranked)} | {mean_std(masked)} | {ratio:.2f}x | "
                      f"{mean_std([s['ranked']['recall@10'] for s in seeds])} | "
                      f"{mean_std([s['masked']['recall@10'] for s in seeds])} | {'yes' if ok else '**no**'} |")
         for s in seeds:
