@@ -2,10 +2,12 @@
 
 The strongest published SASRec numbers on Amazon Beauty (eSASRec, RecSys 2025, "SASRec+SS": test
 NDCG@10 0.0531) train with a 256-negative sampled softmax at every position rather than the full
-softmax: fewer items per step act as a regulariser, and a step costs ``n`` instead of ``N`` dot
-products per row. Here every labelled row draws its own ``n`` negatives uniformly from the ``N`` items
-(with replacement); a negative equal to the row's label (an accidental hit) is masked out of the
-softmax, so the label is never its own negative. Nested sizes share the draws: size m scores the
+softmax. A step costs ``n`` instead of ``N`` dot products per row, which pays on large catalogues; on
+Beauty it trains worse than the full softmax (``results/amazon-beauty.md``, row SASRec-allpos-ss256).
+
+Every labelled row draws its own ``n`` negatives uniformly from the ``N`` items (with replacement);
+a negative equal to the row's label (an accidental hit) is masked out of the softmax, so the label
+is never its own negative. Nested sizes share the draws: size m scores the
 same candidates with the first m dims, so each size's loss depends on its own prefix only.
 
 Evaluation is unchanged (a full ranking over every item); only the training signal is sampled.
