@@ -121,7 +121,8 @@ def settings_text(run):
         if r.get("fmrl_size_weights"):
             parts.append(f"size weights {r['fmrl_size_weights']}")
         if r.get("fmrl_distill_weight"):
-            parts.append(f"distilled from size d x{r['fmrl_distill_weight']}")
+            rows = f" on {r['fmrl_distill_rows']} rows/step" if r.get("fmrl_distill_rows") else ""
+            parts.append(f"distilled from size d x{r['fmrl_distill_weight']}{rows}")
         if r.get("fmrl_modality") != "id":  # runs before the key existed used the raw features
             parts.append(f"{FEATURE_NORMS.get(r.get('fmrl_feature_norm'), 'raw')} features")
     objective = r.get("fmrl_train_objective") if run["model"] in ("FMRLRec", "LRURec", "FMLPRec", "SASRecAP") else None

@@ -3,7 +3,7 @@ reference, where its gradient goes, and the model's loss with it."""
 import pytest
 import torch
 
-from recbole_fmrl.model.distill import distill_weight, nested_distillation
+from recbole_fmrl.model.distill import distill_rows, distill_weight, nested_distillation
 from recbole_fmrl.train.driver import prepare
 
 
@@ -39,6 +39,20 @@ def test_divergence_and_gradients_match_the_row_reference(sizes, row_chunk):
     assert float(fast[-1].detach()) == 0.0 and (fast[:-1] > 0).all()
 
 
+def test_row_subset_is_the_reference_on_the_drawn_rows():
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(10, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    items = torch.randn(7, 8, dtype=torch.float64, generator=g)
+    torch.manual_seed(11)
+    fast = nested_distillation(hidden, items, [2, 8], max_rows=4)
+    torch.manual_seed(11)
+    rows = torch.randperm(10)[:4]
+    torch.testing.assert_close(fast, _reference(hidden[rows], items, [2, 8]), rtol=1e-12, atol=1e-12)
+    for rows in (0, 10, 50):  # 0 or at least every row: the exact mean, no draw
+        torch.testing.assert_close(nested_distillation(hidden, items, [2, 8], max_rows=rows),
+                                   _reference(hidden, items, [2, 8]), rtol=1e-12, atol=1e-12)
+
+
 def test_the_teacher_dims_get_no_gradient():
     g = torch.Generator().manual_seed(1)
     hidden = torch.randn(5, 8, generator=g, requires_grad=True)
@@ -61,6 +75,9 @@ def test_bad_weight_is_one_line_naming_the_key(value):
         distill_weight({"fmrl_distill_weight": value})
     assert "\n" not in str(err.value)
     assert distill_weight({}) == 0.0 and distill_weight({"fmrl_distill_weight": None}) == 0.0
+    with pytest.raises(ValueError, match=r"^fmrl_distill_rows: need an integer >= 0"):
+        distill_rows({"fmrl_distill_rows": -3})
+    assert distill_rows({}) == 0 and distill_rows({"fmrl_distill_rows": 128}) == 128
 
 
 def test_model_loss_adds_the_weighted_divergence(tiny_config):
@@ -89,7 +106,7 @@ def test_report_names_the_distillation():
     import bench_report
 
     run = {"model": "FMRLRec", "config": {}, "resolved": {"hidden_size": 256, "n_layers": 1, "fmrl_modality": "text",
-                                                          "fmrl_distill_weight": 1.0}}
-    assert "distilled from size d x1.0" in bench_report.settings_text(run)
+                                                          "fmrl_distill_weight": 1.0, "fmrl_distill_rows": 128}}
+    assert "distilled from size d x1.0 on 128 rows/step" in bench_report.settings_text(run)
     run["resolved"]["fmrl_distill_weight"] = 0.0
     assert "distilled" not in bench_report.settings_text(run)

@@ -15,15 +15,26 @@ in the backward pass, so the extra memory is a few of one chunk's ``[K, r, N]`` 
 """
 import torch
 
-from recbole_fmrl.model.loss import block_bounds, matryoshka_logits
+from recbole_fmrl.model.loss import block_bounds
 
 ROW_CHUNK = 256  # rows per chunk: a few K * 256 * N float buffers (6 sizes, 12k items: ~75 MB each)
 
 
-def _chunk_terms(hidden, items, sizes):
-    """One chunk's all-size logits [K r N], their log-sum-exps [K r] and the teacher's probabilities [r N]."""
-    logits = matryoshka_logits(hidden, items, sizes)
-    lse = logits.logsumexp(-1)
+def _running_logits(hidden, items, bounds):
+    """All-size logits ``[K r N]``: size k's = size k-1's + block k's product (one fused GEMM each;
+    a stack and cumsum over the size dim cost 2-3 extra passes over the buffer)."""
+    out = hidden.new_empty(len(bounds), hidden.shape[0], items.shape[0])
+    torch.mm(hidden[:, : bounds[0][1]], items[:, : bounds[0][1]].T, out=out[0])
+    for k, (a, b) in enumerate(bounds[1:], 1):
+        torch.addmm(out[k - 1], hidden[:, a:b], items[:, a:b].T, out=out[k])
+    return out
+
+
+def _chunk_terms(hidden, items, sizes, lse=None):
+    """One chunk's all-size logits [K r N], their log-sum-exps [K r] (computed unless given) and the
+    teacher's probabilities [r N]."""
+    logits = _running_logits(hidden, items, block_bounds(sizes))
+    lse = logits.logsumexp(-1) if lse is None else lse
     return logits, lse, (logits[-1] - lse[-1].unsqueeze(-1)).exp()
 
 
@@ -34,40 +45,55 @@ class _NestedKL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, items, sizes, row_chunk):
-        total = hidden.new_zeros(len(sizes))
+        total, lses = hidden.new_zeros(len(sizes)), []
         for start in range(0, hidden.shape[0], row_chunk):
             logits, lse, q = _chunk_terms(hidden[start: start + row_chunk], items, sizes)
             ql = torch.einsum("rn,krn->kr", q, logits)  # [K r]
             total += ((ql[-1] - lse[-1]) - ql + lse).sum(1)  # the largest size's term is 0
-        ctx.save_for_backward(hidden, items)
+            lses.append(lse)
+        ctx.save_for_backward(hidden, items, torch.cat(lses, 1))  # [K P]: backward re-forms p without a pass
         ctx.sizes, ctx.row_chunk = sizes, row_chunk
         return total
 
     @staticmethod
     def backward(ctx, grad_out):  # grad_out [K]
-        hidden, items = ctx.saved_tensors
+        hidden, items, lses = ctx.saved_tensors
         bounds = block_bounds(ctx.sizes)
         grad_h, grad_e = torch.zeros_like(hidden), torch.zeros_like(items)
         scale = grad_out.clone()
         scale[-1] = 0.0  # the teacher's own term is identically 0
         for start in range(0, hidden.shape[0], ctx.row_chunk):
             h = hidden[start: start + ctx.row_chunk]
-            logits, lse, q = _chunk_terms(h, items, ctx.sizes)
+            logits, lse, q = _chunk_terms(h, items, ctx.sizes, lses[:, start: start + ctx.row_chunk])
             g = (logits - lse.unsqueeze(-1)).exp_().sub_(q).mul_(scale.view(-1, 1, 1))  # [K r N]
-            g = g.flip(0).cumsum(0).flip(0)  # block j's dims serve every size k >= j
+            for k in range(len(bounds) - 2, -1, -1):  # block j's dims serve every size k >= j
+                g[k] += g[k + 1]
             for j, (a, b) in enumerate(bounds):
                 grad_h[start: start + ctx.row_chunk, a:b] = g[j] @ items[:, a:b]
                 grad_e[:, a:b] += g[j].T @ h[:, a:b]
         return grad_h, grad_e, None, None
 
 
-def nested_distillation(hidden, items, sizes, row_chunk=ROW_CHUNK):
+def nested_distillation(hidden, items, sizes, max_rows=0, row_chunk=ROW_CHUNK):
     """Per-size mean KL from the largest size's distribution ``[K]`` (the largest size's entry is 0).
 
     hidden [P, d] labelled states; items [N, d] the item table without padding; sizes increasing
-    with sizes[-1] == d. Differentiable wrt ``hidden`` and ``items`` (the teacher is a constant).
+    with sizes[-1] == d. ``max_rows`` > 0: the mean over that many rows drawn without replacement
+    (torch's global RNG), an unbiased estimate at a fraction of the cost. Differentiable wrt
+    ``hidden`` and ``items`` (the teacher is a constant).
     """
+    if 0 < max_rows < hidden.shape[0]:
+        hidden = hidden[torch.randperm(hidden.shape[0], device=hidden.device)[:max_rows]]
     return _NestedKL.apply(hidden, items, tuple(sizes), row_chunk) / max(1, hidden.shape[0])
+
+
+def distill_rows(config):
+    """``fmrl_distill_rows`` as an int >= 0 (0 = every labelled row); a one-line error naming the key."""
+    value = config["fmrl_distill_rows"] if "fmrl_distill_rows" in config else 0
+    value = 0 if value is None else value
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"fmrl_distill_rows: need an integer >= 0 (0 = every labelled row), got {value!r}")
+    return value
 
 
 def distill_weight(config):

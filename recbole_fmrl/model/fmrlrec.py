@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from recbole_fmrl.data.modality import has_id_table, modality_parts
-from recbole_fmrl.model.distill import distill_weight, nested_distillation
+from recbole_fmrl.model.distill import distill_rows, distill_weight, nested_distillation
 from recbole_fmrl.model.fusion import FeatureFusion, IdEmbedding
 from recbole_fmrl.model.labels import labelled_states
 from recbole_fmrl.model.loss import matryoshka_logits
@@ -69,7 +69,7 @@ class FMRLRec(SequentialRecommender):
         self.loss_chunk_size = config["fmrl_loss_chunk_size"]
         self.native_loss = config["fmrl_native_loss"]
         self.train_negatives = train_negatives(config)
-        self.distill_weight = distill_weight(config)
+        self.distill_weight, self.distill_rows = distill_weight(config), distill_rows(config)
         self.target_list_field = getattr(dataset, "target_list_field", None)
         self._build_args = (config, dataset)  # to build sub-models of smaller sizes
         self._table_cache = None
@@ -131,7 +131,8 @@ class FMRLRec(SequentialRecommender):
                                        chunk_size=self.loss_chunk_size, weights=self.size_weights,
                                        native=self.native_loss)
         if self.distill_weight:  # each smaller size also matches the largest size's distribution
-            per_size = per_size + self.distill_weight * nested_distillation(hidden, table[1:], self.sizes)
+            per_size = per_size + self.distill_weight * nested_distillation(hidden, table[1:], self.sizes,
+                                                                            self.distill_rows)
         return tuple(per_size * self.size_weights)  # RecBole sums them and logs each size
 
     def _last_hidden(self, interaction):

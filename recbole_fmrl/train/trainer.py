@@ -31,7 +31,8 @@ from recbole_fmrl.train.outputs import tensorboard_under
 NO_DECAY_MARKERS = ("bias", "ln1.", "ln2.", "norm", "params_log")
 # Settings a resumed run must share with the run it continues (the rest may change, e.g. epochs).
 RESUME_KEYS = ("model", "dataset", "seed", "hidden_size", "n_layers", "fmrl_sizes", "fmrl_size_weights",
-               "fmrl_modality", "fmrl_train_objective", "fmrl_train_negatives", "fmrl_distill_weight", "fmrl_select_on",
+               "fmrl_modality", "fmrl_train_objective", "fmrl_train_negatives", "fmrl_distill_weight", "fmrl_distill_rows",
+               "fmrl_select_on",
                "MAX_ITEM_LIST_LENGTH", "train_batch_size", "learner", "learning_rate", "weight_decay", "eval_step", "stopping_step", "valid_metric")
 
 
