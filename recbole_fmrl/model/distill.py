@@ -16,6 +16,7 @@ in the backward pass, so the extra memory is a few of one chunk's ``[K, r, N]`` 
 import torch
 
 from recbole_fmrl.model.loss import block_bounds
+from recbole_fmrl.model.settings import nonnegative
 
 ROW_CHUNK = 256  # rows per chunk: a few K * 256 * N float buffers (6 sizes, 12k items: ~75 MB each)
 
@@ -88,18 +89,10 @@ def nested_distillation(hidden, items, sizes, max_rows=0, row_chunk=ROW_CHUNK):
 
 
 def distill_rows(config):
-    """``fmrl_distill_rows`` as an int >= 0 (0 = every labelled row); a one-line error naming the key."""
-    value = config["fmrl_distill_rows"] if "fmrl_distill_rows" in config else 0
-    value = 0 if value is None else value
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"fmrl_distill_rows: need an integer >= 0 (0 = every labelled row), got {value!r}")
-    return value
+    """``fmrl_distill_rows`` as an int >= 0 (0 = every labelled row)."""
+    return nonnegative(config, "fmrl_distill_rows", "every labelled row")
 
 
 def distill_weight(config):
-    """``fmrl_distill_weight`` as a float >= 0 (0 = off); a one-line error naming the key."""
-    value = config["fmrl_distill_weight"] if "fmrl_distill_weight" in config else 0.0
-    value = 0.0 if value is None else value
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise ValueError(f"fmrl_distill_weight: need a number >= 0 (0 = no distillation), got {value!r}")
-    return float(value)
+    """``fmrl_distill_weight`` as a float >= 0 (0 = off)."""
+    return nonnegative(config, "fmrl_distill_weight", "no distillation", integer=False)

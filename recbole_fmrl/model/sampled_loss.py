@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from recbole_fmrl.model.loss import block_bounds, matryoshka_cross_entropy
+from recbole_fmrl.model.settings import nonnegative
 
 
 def sampled_matryoshka_cross_entropy(hidden, items, labels, sizes, negatives):
@@ -55,9 +56,5 @@ def nested_softmax_loss(hidden, items, labels, sizes, num_negatives=0, **full_kw
 
 
 def train_negatives(config):
-    """``fmrl_train_negatives`` as a non-negative int (0 = full softmax); a one-line error naming the key."""
-    value = config["fmrl_train_negatives"] if "fmrl_train_negatives" in config else 0
-    value = 0 if value is None else value
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"fmrl_train_negatives: need an integer >= 0 (0 = full softmax), got {value!r}")
-    return value
+    """``fmrl_train_negatives`` as a non-negative int (0 = full softmax)."""
+    return nonnegative(config, "fmrl_train_negatives", "full softmax")
