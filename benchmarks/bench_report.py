@@ -134,6 +134,10 @@ def settings_text(run):
     if drop is not None:
         parts.append(f"drop {drop}")
     parts.append(f"{r.get('learner', cfg.get('learner', 'adam'))} lr {r.get('learning_rate')} bs {r.get('train_batch_size')}")
+    if r.get("fmrl_lr_warmup_steps"):
+        parts.append(f"warm-up {r['fmrl_lr_warmup_steps']} steps")
+    if r.get("fmrl_lr_decay_epochs"):
+        parts.append(f"cosine to 0 over {r['fmrl_lr_decay_epochs']} epochs")
     return ", ".join(parts)
 
 

@@ -366,7 +366,7 @@ def epoch_times(records):
 
 RESOLVED_KEYS = {"hidden_size", "n_layers", "inner_size", "embedding_size", "num_layers", "hidden_dropout_prob",
                  "fmrl_train_negatives", "fmrl_distill_weight", "fmrl_distill_rows", "attn_dropout_prob", "dropout_prob",
-                 "learning_rate", "learner", "weight_decay", "train_batch_size",
+                 "learning_rate", "learner", "weight_decay", "train_batch_size", "fmrl_lr_warmup_steps", "fmrl_lr_decay_epochs",
                  "fmrl_modality", "fmrl_sizes", "fmrl_train_objective", "fmrl_ring_r_min", "fmrl_ring_r_max",
                  "fmrl_ffn_ratio", "fmlp_filter", "MAX_ITEM_LIST_LENGTH", "epochs", "stopping_step", "n_heads",
                  "mask_ratio", "k_interests", "fmrl_lru_state_ratio", "device", "fmrl_feature_norm", "fmrl_size_weights"}

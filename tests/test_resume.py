@@ -52,9 +52,11 @@ def test_last_checkpoint_holds_everything_to_continue(tiny_config, tmp_path):
     assert [e for e, _ in resume["train_loss"]] == [0, 1] and resume["best_epoch"] in (0, 1)
 
 
-def test_resumed_run_matches_an_uninterrupted_one(tiny_config, tmp_path):
-    full = run("FMRLRec", "tiny", config_dict=settings(tiny_config, tmp_path / "full"))
-    cfg = settings(tiny_config, tmp_path / "cut")
+@pytest.mark.parametrize("schedule", [{}, {"fmrl_lr_warmup_steps": 3, "fmrl_lr_decay_epochs": 5}],
+                         ids=["constant-lr", "warmup-cosine"])
+def test_resumed_run_matches_an_uninterrupted_one(tiny_config, tmp_path, schedule):
+    full = run("FMRLRec", "tiny", config_dict=settings(tiny_config, tmp_path / "full", **schedule))
+    cfg = settings(tiny_config, tmp_path / "cut", **schedule)
     with pytest.raises(Killed):
         run("FMRLRec", "tiny", config_dict=cfg, on_evaluation=kill_after(1))
     argv = ["--model", "FMRLRec", "--dataset", "tiny", *(f"{k}={as_arg(v)}" for k, v in cfg.items()),

@@ -9,6 +9,7 @@
   the best checkpoint follow every size's validation metric instead.
 - Checkpoints reload under torch >= 2.6 (see ``checkpoint.py``).
 - AdamW decays only weight matrices, not biases, norms or the LRU's log-parameters.
+- ``fmrl_lr_warmup_steps`` / ``fmrl_lr_decay_epochs``: warm-up and cosine decay (``schedule.py``).
 """
 import copy
 import math
@@ -27,12 +28,13 @@ from tqdm import tqdm
 from recbole_fmrl.errors import InputError
 from recbole_fmrl.train import checkpoint, distributed
 from recbole_fmrl.train.outputs import tensorboard_under
+from recbole_fmrl.train.schedule import attach_schedule
 
 NO_DECAY_MARKERS = ("bias", "ln1.", "ln2.", "norm", "params_log")
 # Settings a resumed run must share with the run it continues (the rest may change, e.g. epochs).
 RESUME_KEYS = ("model", "dataset", "seed", "hidden_size", "n_layers", "fmrl_sizes", "fmrl_size_weights",
                "fmrl_modality", "fmrl_train_objective", "fmrl_train_negatives", "fmrl_distill_weight", "fmrl_distill_rows",
-               "fmrl_select_on",
+               "fmrl_select_on", "fmrl_lr_warmup_steps", "fmrl_lr_decay_epochs",
                "MAX_ITEM_LIST_LENGTH", "train_batch_size", "learner", "learning_rate", "weight_decay", "eval_step", "stopping_step", "valid_metric")
 
 
@@ -102,6 +104,7 @@ class FMRLTrainer(Trainer):
         self.eval_collector = StatsCollector(config)  # train-statistic metrics work in RecBole's evaluate too
         self.size_results = None
         self.best_epoch = -1
+        self.scheduler, self.schedule_attached = None, False
         self.select_on = selection_rule(config)
         # Per-epoch validation of every size costs K top-k sorts; early stopping on the largest reads one.
         self.valid_every_size = self.select_on != "largest" or (
@@ -117,6 +120,7 @@ class FMRLTrainer(Trainer):
         if self.eval_step <= 0 or not valid_data:
             return super().fit(train_data, valid_data, verbose, saved, show_progress, callback_fn)
         self.eval_collector.data_collect(train_data)
+        self.attach_schedule(train_data)
         if (self.config["train_neg_sample_args"] or {}).get("dynamic", False):
             train_data.get_model(self.model)
         last_eval = (self.epochs // self.eval_step) * self.eval_step - 1
@@ -140,6 +144,12 @@ class FMRLTrainer(Trainer):
                 break
         self._add_hparam_to_tensorboard(self.best_valid_score)
         return self.best_valid_score, self.best_valid_result
+
+    def attach_schedule(self, train_data):
+        """The learning-rate schedule, once, when the number of steps per epoch is known."""
+        if not self.schedule_attached and train_data is not None:
+            self.scheduler = attach_schedule(self.optimizer, self.config, len(train_data))
+            self.schedule_attached = True
 
     def _train_one_epoch(self, train_data, epoch, verbose, show_progress):
         start, cpu = time.perf_counter(), time.process_time()
@@ -214,7 +224,7 @@ class FMRLTrainer(Trainer):
         path = path or checkpoint.last_path(self.saved_model_file)
         if not distributed.is_main():  # multi-process runs: rank 0 writes
             return path
-        scheduler = getattr(self, "scheduler", None) or getattr(self, "lr_scheduler", None)
+        scheduler = self.scheduler
         resume = {
             "best_epoch": int(self.best_epoch), "finished": str(finished or ""),
             "best_valid_result": checkpoint.plain(dict(self.best_valid_result or {})) or None,
@@ -239,6 +249,7 @@ class FMRLTrainer(Trainer):
         self.best_valid_score = state["best_valid_score"]
         self.model.load_state_dict(state["state_dict"])
         self.model.load_other_parameter(state.get("other_parameter"))
+        self.attach_schedule(train_data)  # before the optimiser's state: that restores the scheduled lr
         self.optimizer.load_state_dict(state["optimizer"])
         if resume:
             self._restore_loop_state(resume, train_data)
@@ -248,9 +259,8 @@ class FMRLTrainer(Trainer):
         self.best_epoch = resume["best_epoch"]
         self.best_valid_result = OrderedDict(resume["best_valid_result"]) if resume["best_valid_result"] else None
         self.train_loss_dict = {int(e): float(v) for e, v in resume["train_loss"]}
-        scheduler = getattr(self, "scheduler", None) or getattr(self, "lr_scheduler", None)
-        if scheduler is not None and resume.get("scheduler") is not None:
-            scheduler.load_state_dict(resume["scheduler"])
+        if self.scheduler is not None and resume.get("scheduler") is not None:
+            self.scheduler.load_state_dict(resume["scheduler"])
         checkpoint.set_rng_state(resume["rng"], train_data)
         if resume["finished"] == "early_stopped":  # nothing left to train: evaluate the best checkpoint
             self.start_epoch = self.epochs

@@ -1,0 +1,95 @@
+"""Learning-rate warm-up and cosine decay (``fmrl_lr_warmup_steps``, ``fmrl_lr_decay_epochs``)."""
+import math
+
+import pytest
+import torch
+
+from recbole_fmrl.train import checkpoint
+from recbole_fmrl.train.driver import run
+from recbole_fmrl.train.schedule import WarmupCosine, attach_schedule, schedule_settings
+
+
+def reference_factor(step, warmup, total):
+    """The multiplier written out case by case (HF's get_cosine_schedule_with_warmup, held at 0 after
+    the last step instead of climbing back)."""
+    if step < warmup:
+        return step / warmup
+    if step >= total:
+        return 0.0
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
+
+
+@pytest.mark.parametrize("warmup, epochs, per_epoch", [(0, 3, 7), (5, 3, 7), (10, 1, 10), (4, 2, 1)])
+def test_multiplier_matches_the_reference(warmup, epochs, per_epoch):
+    factor = WarmupCosine(warmup, epochs, per_epoch)
+    total = epochs * per_epoch
+    for step in range(total + 6):
+        assert factor(step) == pytest.approx(reference_factor(step, warmup, total), abs=1e-12), step
+
+
+def test_multiplier_matches_transformers_within_the_schedule():
+    transformers = pytest.importorskip("transformers")
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=1.0)
+    theirs = transformers.get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=6, num_training_steps=40)
+    ours = WarmupCosine(6, 4, 10)
+    for step in range(41):
+        assert theirs.lr_lambdas[0](step) == pytest.approx(ours(step), abs=1e-12), step
+
+
+def test_warmup_only_holds_the_rate_after_warmup():
+    factor = WarmupCosine(4, 0, 100)
+    assert [factor(s) for s in range(7)] == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+
+
+def test_the_optimiser_follows_the_schedule_step_by_step():
+    param = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.SGD([param], lr=0.5)
+    scheduler = attach_schedule(optimizer, {"fmrl_lr_warmup_steps": 3, "fmrl_lr_decay_epochs": 2}, 5)
+    seen = []
+    for _ in range(12):
+        seen.append(optimizer.param_groups[0]["lr"])
+        param.grad = torch.ones(3)
+        optimizer.step()  # the hook advances the schedule; no scheduler.step() in the loop
+    assert seen == pytest.approx([0.5 * reference_factor(s, 3, 10) for s in range(12)], abs=1e-12)
+    assert scheduler.last_epoch == 12
+
+
+def test_no_keys_no_scheduler():
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)
+    assert attach_schedule(optimizer, {}, 10) is None
+    assert attach_schedule(optimizer, {"fmrl_lr_warmup_steps": 0, "fmrl_lr_decay_epochs": None}, 10) is None
+
+
+@pytest.mark.parametrize("key, value", [("fmrl_lr_warmup_steps", -1), ("fmrl_lr_decay_epochs", 2.5),
+                                        ("fmrl_lr_warmup_steps", "100")])
+def test_bad_setting_is_one_line_naming_the_key(key, value):
+    with pytest.raises(ValueError, match=rf"^{key}: need an integer >= 0") as err:
+        schedule_settings({key: value})
+    assert "\n" not in str(err.value) and repr(value) in str(err.value)
+
+
+def test_training_ends_at_rate_zero_after_the_decay(tiny_config, tmp_path):
+    cfg = tiny_config(epochs=3, stopping_step=10, fmrl_lr_warmup_steps=2, fmrl_lr_decay_epochs=2,
+                      fmrl_output_dir=str(tmp_path))
+    result = run("FMRLRec", "tiny", config_dict=cfg)
+    assert result["epochs"] == 3
+    last = checkpoint.load(next((tmp_path / "saved").glob("*" + checkpoint.LAST_SUFFIX)))
+    steps = last["resume"]["scheduler"]["last_epoch"]
+    assert steps > 2 and steps % 3 == 0  # three epochs of whole batches
+    assert [g["lr"] for g in last["optimizer"]["param_groups"]] == [0.0] * len(last["optimizer"]["param_groups"])
+
+
+def test_report_names_the_schedule():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_report
+
+    run = {"model": "FMRLRec", "config": {}, "resolved": {"hidden_size": 256, "learner": "adamw", "learning_rate": 0.001,
+                                                          "train_batch_size": 64, "fmrl_lr_warmup_steps": 100,
+                                                          "fmrl_lr_decay_epochs": 40}}
+    assert bench_report.settings_text(run).endswith("adamw lr 0.001 bs 64, warm-up 100 steps, cosine to 0 over 40 epochs")
+    run["resolved"].update(fmrl_lr_warmup_steps=0, fmrl_lr_decay_epochs=0)
+    assert bench_report.settings_text(run).endswith("adamw lr 0.001 bs 64")
