@@ -117,10 +117,10 @@ class FMRLTrainer(Trainer):
         Returns ``(best_valid_score, best_valid_result)`` as RecBole's ``fit``. Training stops after the
         last epoch that is validated (an unvalidated tail could never be selected).
         """
+        self.attach_schedule(train_data)  # before RecBole's own loop too (no validation)
         if self.eval_step <= 0 or not valid_data:
             return super().fit(train_data, valid_data, verbose, saved, show_progress, callback_fn)
         self.eval_collector.data_collect(train_data)
-        self.attach_schedule(train_data)
         if (self.config["train_neg_sample_args"] or {}).get("dynamic", False):
             train_data.get_model(self.model)
         last_eval = (self.epochs // self.eval_step) * self.eval_step - 1
