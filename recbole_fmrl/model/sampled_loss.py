@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from recbole_fmrl.model.loss import block_bounds, matryoshka_cross_entropy
-from recbole_fmrl.model.settings import nonnegative
+from recbole_fmrl.settings import nonnegative
 
 
 def sampled_matryoshka_cross_entropy(hidden, items, labels, sizes, negatives):

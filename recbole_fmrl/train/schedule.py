@@ -10,7 +10,7 @@ import math
 
 from torch.optim.lr_scheduler import LambdaLR
 
-from recbole_fmrl.model.settings import nonnegative
+from recbole_fmrl.settings import nonnegative
 
 
 class WarmupCosine:

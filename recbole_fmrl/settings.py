@@ -1,4 +1,4 @@
-"""Model keys read straight from the config: a missing or null key means off (0); bad values get a
+"""Config keys read straight from the config: a missing or null key means off (0); bad values get a
 one-line error naming the key."""
 
 
