@@ -529,7 +529,9 @@ def markdown(dataset, settings, runs, table, series, sizes_png, nested_section=(
                          f"**{r['status']}**: {r['reason']}"]
             else:
                 # converged rows only: a budget that ended one struck after patience had run out
-                note = [] if r["stopped_by"] == "early stopping" else [f"stopped by {r['stopped_by']} once patience ran out"]
+                note = ([] if r["stopped_by"] == "early stopping" else
+                        ["training ended when the learning-rate schedule reached 0"] if r["stopped_by"] == "learning rate at 0"
+                        else [f"stopped by {r['stopped_by']} once patience ran out"])
                 if r.get("unfinished"):
                     note.append(r["unfinished"])
                 cells = [r["group"], r["row"], r["settings"], str(r["n_seeds"]),

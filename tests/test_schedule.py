@@ -6,7 +6,7 @@ import torch
 
 from recbole_fmrl.train import checkpoint
 from recbole_fmrl.train.driver import run
-from recbole_fmrl.train.schedule import WarmupCosine, attach_schedule, schedule_settings
+from recbole_fmrl.train.schedule import WarmupCosine, attach_schedule, schedule_ended, schedule_settings
 
 
 def reference_factor(step, warmup, total):
@@ -69,15 +69,49 @@ def test_bad_setting_is_one_line_naming_the_key(key, value):
     assert "\n" not in str(err.value) and repr(value) in str(err.value)
 
 
-def test_training_ends_at_rate_zero_after_the_decay(tiny_config, tmp_path):
-    cfg = tiny_config(epochs=3, stopping_step=10, fmrl_lr_warmup_steps=2, fmrl_lr_decay_epochs=2,
+def test_training_ends_when_the_rate_reaches_zero(tiny_config, tmp_path):
+    cfg = tiny_config(epochs=6, stopping_step=10, fmrl_lr_warmup_steps=2, fmrl_lr_decay_epochs=2,
                       fmrl_output_dir=str(tmp_path))
     result = run("FMRLRec", "tiny", config_dict=cfg)
-    assert result["epochs"] == 3
+    assert result["epochs"] == 2 and result["stopped_by"] == "learning rate at 0"  # not 6, nor patience's 10
+    assert result["records"][-1]["finished"] == "lr_zero"
     last = checkpoint.load(next((tmp_path / "saved").glob("*" + checkpoint.LAST_SUFFIX)))
     steps = last["resume"]["scheduler"]["last_epoch"]
-    assert steps > 2 and steps % 3 == 0  # three epochs of whole batches
+    assert steps > 2 and steps % 2 == 0  # two epochs of whole batches
     assert [g["lr"] for g in last["optimizer"]["param_groups"]] == [0.0] * len(last["optimizer"]["param_groups"])
+    assert last["resume"]["finished"] == "lr_zero"
+
+
+def test_a_run_ended_at_rate_zero_resumes_to_its_result(tiny_config, tmp_path):
+    import run_recbole_fmrl
+
+    cfg = tiny_config(epochs=6, stopping_step=10, fmrl_lr_warmup_steps=2, fmrl_lr_decay_epochs=2,
+                      fmrl_output_dir=str(tmp_path))
+    first = run("FMRLRec", "tiny", config_dict=cfg)
+    argv = ["--model", "FMRLRec", "--dataset", "tiny", *(f"{k}={str(v).replace(' ', '')}" for k, v in cfg.items()),
+            "--resume", str(tmp_path)]
+    again = run_recbole_fmrl.main(argv)
+    assert again["records"] == []  # nothing left to train
+    assert again["test_result"] == first["test_result"] and again["size_results"] == first["size_results"]
+
+
+@pytest.mark.parametrize("warmup, epochs, per_epoch", [(0, 3, 7), (5, 3, 7), (30, 2, 10), (4, 0, 5), (0, 0, 5)])
+def test_ended_means_zero_from_there_on(warmup, epochs, per_epoch):
+    factor = WarmupCosine(warmup, epochs, per_epoch)
+    horizon = max(warmup, epochs * per_epoch) + 20
+    for step in range(horizon):
+        zero_from_here = all(factor(t) == 0.0 for t in range(step, horizon))
+        assert factor.ended(step) == (zero_from_here and bool(epochs)), step
+
+
+def test_schedule_never_ends_a_model_with_running_statistics():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = attach_schedule(optimizer, {"fmrl_lr_warmup_steps": 0, "fmrl_lr_decay_epochs": 1}, 2)
+    for _ in range(3):
+        optimizer.step()
+    assert not schedule_ended(scheduler, model)
+    assert schedule_ended(scheduler, model[0]) and not schedule_ended(None, model[0])
 
 
 def test_report_names_the_schedule():

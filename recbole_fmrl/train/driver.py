@@ -121,8 +121,8 @@ def fit_and_evaluate(config, net, trainer, data, saved=True, on_evaluation=None,
     try:
         best_valid_score, _ = trainer.fit(train_data, valid_data, saved=saved, show_progress=show,
                                           callback_fn=callback_fn, on_evaluation=record)
-        if records and records[-1].get("finished") == "early_stopped":
-            stopped_by = "early stopping"
+        finished = records[-1].get("finished") if records else ""
+        stopped_by = {"early_stopped": "early stopping", "lr_zero": "learning rate at 0"}.get(finished, stopped_by)
     except StopTraining as stop:
         best_valid_score, stopped_by = trainer.best_valid_score, stop.reason
     train_seconds = time.perf_counter() - start

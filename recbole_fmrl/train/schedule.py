@@ -3,7 +3,9 @@
 The fMRLRec reference trains with ``get_cosine_schedule_with_warmup`` (100 warm-up steps, cosine over
 500 epochs' steps, so it barely decays before early stopping); ``fmrl_lr_warmup_steps`` and
 ``fmrl_lr_decay_epochs`` give that schedule and shorter ones. Unlike that function, the multiplier
-stays at 0 once the decay ends (the cosine does not climb back), so early stopping ends such a run.
+stays at 0 once the decay ends (the cosine does not climb back), and the trainer ends the run there:
+later epochs could not change the weights, only repeat the last validation score for ``stopping_step``
+epochs.
 Both keys default to 0: RecBole's constant learning rate.
 """
 import math
@@ -31,6 +33,10 @@ class WarmupCosine:
         progress = min(1.0, (step - self.warmup_steps) / decay_steps)
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
+    def ended(self, step):
+        """True when the multiplier is 0 at ``step`` and every later step: training can change nothing more."""
+        return bool(self.decay_epochs) and step >= max(self.warmup_steps, self.decay_epochs * self.steps_per_epoch)
+
 
 def schedule_settings(config):
     """``(warmup_steps, decay_epochs)`` from the config; one-line errors name the key."""
@@ -49,3 +55,12 @@ def attach_schedule(optimizer, config, steps_per_epoch):
     # the AMP grad scaler skips (inf gradients) does not advance the schedule
     optimizer.register_step_post_hook(lambda _optimizer, _args, _kwargs: scheduler.step())
     return scheduler
+
+
+def schedule_ended(scheduler, model):
+    """Has the schedule brought the learning rate to 0 for good? Then no later step changes the weights
+    (the optimiser's update and its decoupled weight decay both scale with it), unless the model keeps
+    running statistics (batch norm), which move in training mode whatever the rate."""
+    if scheduler is None or any(getattr(m, "track_running_stats", False) for m in model.modules()):
+        return False
+    return all(getattr(f, "ended", lambda _step: False)(scheduler.last_epoch) for f in scheduler.lr_lambdas)

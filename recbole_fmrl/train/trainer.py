@@ -28,7 +28,7 @@ from tqdm import tqdm
 from recbole_fmrl.errors import InputError
 from recbole_fmrl.train import checkpoint, distributed
 from recbole_fmrl.train.outputs import tensorboard_under
-from recbole_fmrl.train.schedule import attach_schedule
+from recbole_fmrl.train.schedule import attach_schedule, schedule_ended
 
 NO_DECAY_MARKERS = ("bias", "ln1.", "ln2.", "norm", "params_log")
 # Settings a resumed run must share with the run it continues (the rest may change, e.g. epochs).
@@ -131,16 +131,19 @@ class FMRLTrainer(Trainer):
                     self.save_last_checkpoint(epoch, train_data)
                 continue
             stop = self._validate(valid_data, record, saved, verbose, show_progress)
-            record["finished"] = "early_stopped" if stop else ("max_epochs" if epoch >= last_eval else "")
+            lr_zero = not stop and schedule_ended(self.scheduler, self.model)
+            record["finished"] = ("early_stopped" if stop else "lr_zero" if lr_zero
+                                  else "max_epochs" if epoch >= last_eval else "")
             if saved:  # before the hooks: a run killed from here on resumes after this epoch
                 self.save_last_checkpoint(epoch, train_data, finished=record["finished"])
             if callback_fn:
                 callback_fn(epoch, record["valid_score"])
             if on_evaluation:
                 on_evaluation(record)
-            if stop:
+            if stop or lr_zero:
                 if verbose:
-                    self.logger.info(f"Finished training, best eval result in epoch {self.best_epoch}")
+                    why = "the learning rate schedule reached 0" if lr_zero else "early stopping"
+                    self.logger.info(f"Finished training ({why}), best eval result in epoch {self.best_epoch}")
                 break
         self._add_hparam_to_tensorboard(self.best_valid_score)
         return self.best_valid_score, self.best_valid_result
@@ -262,7 +265,7 @@ class FMRLTrainer(Trainer):
         if self.scheduler is not None and resume.get("scheduler") is not None:
             self.scheduler.load_state_dict(resume["scheduler"])
         checkpoint.set_rng_state(resume["rng"], train_data)
-        if resume["finished"] == "early_stopped":  # nothing left to train: evaluate the best checkpoint
+        if resume["finished"] in ("early_stopped", "lr_zero"):  # nothing left to train: evaluate the best checkpoint
             self.start_epoch = self.epochs
 
     def load_weights(self, model_file=None):
