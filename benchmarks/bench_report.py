@@ -58,6 +58,20 @@ def converged(run):
     return patience is not None and run["epochs"] - run["best_epoch"] > patience
 
 
+PROTOCOL_STOPS = {"early stopping": "early stopping", "learning rate at 0": "the learning-rate schedule reaching 0"}
+
+
+def stop_note(stopped_by):
+    """The note on what ended a converged row's seeds ("; "-joined), empty when early stopping ended all."""
+    reasons = stopped_by.split("; ")
+    if reasons == ["early stopping"]:
+        return []
+    budgets = [r for r in reasons if r not in PROTOCOL_STOPS]
+    protocol = [PROTOCOL_STOPS[r] for r in reasons if r in PROTOCOL_STOPS]
+    return [f"ended by {' or '.join(protocol)}"] * bool(protocol) + [
+        f"stopped by {' or '.join(budgets)} once patience ran out"] * bool(budgets)
+
+
 def not_converged_text(runs):
     """One line per budget-ended seed: how far it got and why it is not a result."""
     parts = []
@@ -529,9 +543,7 @@ def markdown(dataset, settings, runs, table, series, sizes_png, nested_section=(
                          f"**{r['status']}**: {r['reason']}"]
             else:
                 # converged rows only: a budget that ended one struck after patience had run out
-                note = ([] if r["stopped_by"] == "early stopping" else
-                        ["training ended when the learning-rate schedule reached 0"] if r["stopped_by"] == "learning rate at 0"
-                        else [f"stopped by {r['stopped_by']} once patience ran out"])
+                note = stop_note(r["stopped_by"])
                 if r.get("unfinished"):
                     note.append(r["unfinished"])
                 cells = [r["group"], r["row"], r["settings"], str(r["n_seeds"]),

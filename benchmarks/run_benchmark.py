@@ -274,6 +274,8 @@ def execute(job):
     setup_seconds, budget = time.perf_counter() - wall0, job.get("max_train_seconds")
     fit_start, earlier = time.perf_counter(), read_progress(progress)
     spent_before = sum(r["train_seconds"] + r["valid_seconds"] for r in earlier)  # by earlier, interrupted invocations
+    cpu_before = sum(r["train_cpu_seconds"] + r["valid_cpu_seconds"] for r in earlier)
+    resumed_at = trainer.start_epoch
 
     def after_validation(record):  # the epoch's record is kept (a resumed row reports every epoch), then the budget
         with open(progress, "a") as handle:
@@ -307,8 +309,9 @@ def execute(job):
         "valid_curve": [round(r["valid_score"], 6) for r in records], "stopped_by": result["stopped_by"],
         "max_epochs": config["epochs"], "max_train_seconds": budget, "train_samples": len(data[0]._dataset),
         "setup_seconds": setup_seconds, "train_seconds": spent_before + result["train_seconds"],
-        **epoch_times(records), "cpu_seconds": time.process_time(),
-        "wall_seconds": time.perf_counter() - wall0, "peak_rss_mb": peak_rss_mb(),
+        # a resumed row counts its earlier invocations' epochs too (their set-up and exit are not kept)
+        **epoch_times(records), "cpu_seconds": cpu_before + time.process_time(), "resumed_at_epoch": resumed_at or None,
+        "wall_seconds": spent_before + time.perf_counter() - wall0, "peak_rss_mb": peak_rss_mb(),
         "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else None,
         "started": started, "finished": datetime.datetime.now().isoformat(timespec="seconds"),
         "loadavg_start": load0, "loadavg_end": os.getloadavg(), "env": environment(device),

@@ -376,6 +376,10 @@ def test_harness_resumes_an_interrupted_row_from_its_last_epoch(tmp_path, tiny_r
     assert resumed["epochs"] == whole["epochs"] == 3 and resumed["valid_curve"] == whole["valid_curve"]
     assert resumed["test"] == whole["test"] and resumed["best_epoch"] == whole["best_epoch"]
     assert not (runs_dir / "seed-2020.progress.json").exists()  # finished: the curve lives in the result
+    epochs = [json.loads(line) for line in (tmp_path / "cut" / "work").rglob("progress.jsonl").__next__().open()]
+    before = sum(r["train_seconds"] + r["valid_seconds"] for r in epochs[:2])  # the killed invocation's epochs
+    assert resumed["wall_seconds"] >= before + resumed["setup_seconds"] + epochs[2]["train_seconds"] + epochs[2]["valid_seconds"]
+    assert resumed["resumed_at_epoch"] == 2 and whole["resumed_at_epoch"] is None
 
 
 def test_harness_largest_size_validation_matches_the_per_size_trainer(tiny_config, tmp_path):

@@ -1,5 +1,8 @@
 """Learning-rate warm-up and cosine decay (``fmrl_lr_warmup_steps``, ``fmrl_lr_decay_epochs``)."""
+import importlib
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -7,6 +10,11 @@ import torch
 from recbole_fmrl.train import checkpoint
 from recbole_fmrl.train.driver import run
 from recbole_fmrl.train.schedule import WarmupCosine, attach_schedule, schedule_ended, schedule_settings
+
+
+def benchmarks_module(name):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    return importlib.import_module(name)
 
 
 def reference_factor(step, warmup, total):
@@ -115,15 +123,20 @@ def test_schedule_never_ends_a_model_with_running_statistics():
 
 
 def test_report_names_the_schedule():
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import bench_report
-
+    bench_report = benchmarks_module("bench_report")
     run = {"model": "FMRLRec", "config": {}, "resolved": {"hidden_size": 256, "learner": "adamw", "learning_rate": 0.001,
                                                           "train_batch_size": 64, "fmrl_lr_warmup_steps": 100,
                                                           "fmrl_lr_decay_epochs": 40}}
     assert bench_report.settings_text(run).endswith("adamw lr 0.001 bs 64, warm-up 100 steps, cosine to 0 over 40 epochs")
     run["resolved"].update(fmrl_lr_warmup_steps=0, fmrl_lr_decay_epochs=0)
     assert bench_report.settings_text(run).endswith("adamw lr 0.001 bs 64")
+
+
+def test_report_says_what_ended_each_row():
+    bench_report = benchmarks_module("bench_report")
+    assert bench_report.stop_note("early stopping") == []
+    assert bench_report.stop_note("early stopping; learning rate at 0") == [
+        "ended by early stopping or the learning-rate schedule reaching 0"]
+    assert bench_report.stop_note("learning rate at 0") == ["ended by the learning-rate schedule reaching 0"]
+    assert bench_report.stop_note("early stopping; time budget") == [
+        "ended by early stopping", "stopped by time budget once patience ran out"]
