@@ -301,6 +301,8 @@ def _worker(local_rank, fn, config_dict, kwargs, result_file):
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // int(config_dict["nproc"])))
     try:
         result = fn(config_dict={**config_dict, "local_rank": local_rank}, **kwargs)
+        if dist.is_initialized():  # every rank done with its collectives before any tears the group down
+            dist.barrier()         # (a rank that raised instead makes spawn stop the others: no hang)
         if rank() == 0:
             with open(result_file + ".tmp", "wb") as fh:
                 pickle.dump(result, fh)
