@@ -165,18 +165,29 @@ def settings_key(model, dataset, config, extra):
 
 
 def data_fingerprint(data_path, dataset):
-    """sha256 of what identifies the dataset's content: dataset_tools' meta.json (it holds the sha256 of every
-    file), else features.json and the atomic files' sizes. A re-converted dataset makes finished rows stale."""
+    """sha256 of the dataset's content: the name and sha256 of every file dataset_tools' meta.json lists (not
+    its timings or input paths, so converting the same data again keeps finished rows), else features.json and
+    the atomic files' sizes. Changed content makes finished rows stale."""
     folder = Path(data_path) / dataset
     digest = hashlib.sha256()
-    meta = folder / "meta.json"
-    if meta.is_file():
-        digest.update(meta.read_bytes())
+    files = _manifest_files(folder / "meta.json")
+    if files is not None:
+        for name, entry in sorted(files.items()):
+            digest.update(f"{name}\0{entry.get('file')}\0{entry.get('sha256')}\n".encode())
     else:
         for path in sorted(folder.glob(f"{dataset}.*")):
             digest.update(path.name.encode() + b"\0")
             digest.update(path.read_bytes() if path.name.endswith("features.json") else str(path.stat().st_size).encode())
     return digest.hexdigest()[:16]
+
+
+def _manifest_files(meta):
+    """meta.json's {name: {file, bytes, sha256}} map, or None without a readable manifest."""
+    try:
+        files = json.loads(meta.read_text()).get("files")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return files if isinstance(files, dict) and files else None
 
 
 def unavailable_reason(settings, row, model, config, data_path, dataset):

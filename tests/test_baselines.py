@@ -225,6 +225,27 @@ def test_harness_resumes_without_redoing_finished_rows(tmp_path, monkeypatch, ca
     assert calls == ["LRURec"]
 
 
+def test_data_fingerprint_follows_the_manifests_file_hashes_not_its_timings(tmp_path):
+    folder = tmp_path / "beauty"
+    folder.mkdir()
+    files = {"inter": {"file": "beauty.inter", "bytes": 10, "sha256": "a" * 64},
+             "text": {"file": "beauty.text.npy", "bytes": 20, "sha256": "b" * 64}}
+
+    def fingerprint(**meta):
+        (folder / "meta.json").write_text(json.dumps({"files": files, **meta}))
+        return run_benchmark.data_fingerprint(tmp_path, "beauty")
+
+    first = fingerprint(timings={"text_features_s": 583.8}, source={"path": "../shared/x"})
+    assert fingerprint(timings={"text_features_s": 611.2}, source={"path": "/abs/x"}) == first  # converted again
+    files["text"]["sha256"] = "c" * 64
+    assert fingerprint(timings={"text_features_s": 583.8}) != first  # other feature content
+    (folder / "meta.json").write_text("{not json")  # no readable manifest: the files' sizes
+    (folder / "beauty.inter").write_text("user_id:token\n")
+    size_based = run_benchmark.data_fingerprint(tmp_path, "beauty")
+    (folder / "beauty.inter").write_text("user_id:token\n1\n")
+    assert run_benchmark.data_fingerprint(tmp_path, "beauty") != size_based
+
+
 def test_harness_skips_a_row_another_invocation_is_running(tmp_path, tiny_root, monkeypatch, capsys):
     import socket
 
