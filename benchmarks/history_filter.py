@@ -12,7 +12,9 @@ with ``fmrl_eval_mask_history: True``. Nothing is retrained and nothing is selec
 checkpoints are the ones validation chose.
 
 Writes ``results/<dataset>-history-filter.{md,csv}``; each checkpoint's numbers are cached beside it
-(``history-filter.json``), so an interrupted run resumes where it stopped. Environment variables in a
+(``history-filter.json``), so an interrupted run resumes where it stopped. A run whose checkpoint is gone
+(another machine, a cleaned work folder) keeps its numbers from the earlier CSV when that CSV's
+``reported_ndcg@10`` is the run's own test NDCG@10 (the same run), so measurements are never lost. Environment variables in a
 result's checkpoint path are expanded (a result moved by hand may read ``$WORK/...``: set ``WORK`` to
 the benchmark's ``--work-dir``).
 
@@ -83,19 +85,45 @@ def cached_retest(result, data_path, threads):
     return entries[stamp]
 
 
-def collect(runs, data_path, threads):
+def earlier_numbers(csv_path):
+    """(row, seed) -> {"reported_ndcg": float, "ranked": {...}, "masked": {...}} from an earlier report's CSV."""
+    if not csv_path.is_file():
+        return {}
+    earlier = {}
+    for line, r in enumerate(csv.DictReader(csv_path.open()), 2):
+        try:
+            earlier[(r["row"], int(r["seed"]))] = {
+                "reported_ndcg": float(r["reported_ndcg@10"]),
+                "ranked": {m: float(r[m]) for m in METRICS}, "masked": {m: float(r["masked_" + m]) for m in METRICS}}
+        except (KeyError, TypeError, ValueError) as err:
+            sys.exit(f"{csv_path}:{line}: unreadable row ({err!r}); move the file away to start afresh")
+    return earlier
+
+
+def numbers_of(result, data_path, threads, earlier):
+    """A run's (ranked, masked) numbers: re-tested from its kept checkpoint, else the earlier report's when
+    they belong to this very run (same reported test NDCG@10), else None."""
+    ckpt = os.path.expandvars(result.get("checkpoint") or "")  # a hand-moved result may say $WORK/...
+    if ckpt and Path(ckpt).exists():
+        return cached_retest(dict(result, checkpoint=ckpt), data_path, threads), "re-tested"
+    before = earlier.get((result["row"], result["seed"]))
+    if before and abs(before["reported_ndcg"] - float(result["test"]["ndcg@10"])) <= 1e-9:
+        return {"ranked": before["ranked"], "masked": before["masked"]}, "earlier report"
+    return None, "checkpoint not kept"
+
+
+def collect(runs, data_path, threads, earlier=None):
     """row -> list of per-seed dicts (reported test, re-tested ranked, masked); rows without a kept
-    checkpoint map to a reason string."""
+    checkpoint or earlier numbers map to a reason string."""
     rows, total = {}, len(runs)
     for n, (row, seed, result) in enumerate(runs, 1):
-        ckpt = os.path.expandvars(result.get("checkpoint") or "")  # a hand-moved result may say $WORK/...
-        if not ckpt or not Path(ckpt).exists():
-            rows.setdefault(row, "checkpoint not kept")
-            continue
         t0 = time.perf_counter()
-        numbers = cached_retest(dict(result, checkpoint=ckpt), data_path, threads)
+        numbers, source = numbers_of(result, data_path, threads, earlier or {})
+        if numbers is None:
+            rows.setdefault(row, source)
+            continue
         print(f"[{n}/{total}] {row} seed {seed}: ranked {numbers['ranked']['ndcg@10']:.4f}, "
-              f"masked {numbers['masked']['ndcg@10']:.4f} ({time.perf_counter() - t0:.0f}s)", flush=True)
+              f"masked {numbers['masked']['ndcg@10']:.4f} ({source}, {time.perf_counter() - t0:.0f}s)", flush=True)
         if not isinstance(rows.get(row), list):
             rows[row] = []
         of = sum(r == row for r, _, _ in runs)
@@ -154,10 +182,10 @@ def main(argv=None):
     runs = finished_runs(results_dir, args.dataset, args.tag)
     if not runs:
         sys.exit(f"{results_dir / args.dataset / 'runs' / args.tag}: no finished runs")
-    rows = collect(runs, Path(args.data_path).resolve(), args.threads)
+    stem = results_dir / f"{args.dataset}-history-filter"
+    rows = collect(runs, Path(args.data_path).resolve(), args.threads, earlier_numbers(stem.with_suffix(".csv")))
     command = f"python benchmarks/history_filter.py --dataset {args.dataset} --data-path {args.data_path}"
     markdown, table = report(args.dataset, rows, command)
-    stem = results_dir / f"{args.dataset}-history-filter"
     atomic_write_text(stem.with_suffix(".md"), markdown)
     atomic_write_text(stem.with_suffix(".csv"), table)
     print(f"wrote {stem}.md, {stem}.csv")

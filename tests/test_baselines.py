@@ -441,3 +441,21 @@ def test_history_filter_retests_kept_checkpoints_and_reproduces_the_reported_tes
     history_filter.main(argv)  # cached: nothing is re-evaluated, the report is the same
     assert cache.stat().st_mtime_ns == before
     assert (results / "tiny-history-filter.md").read_text() == markdown
+
+    kept = list((tmp_path / "work").rglob("*.pth")) + [cache]
+    assert len(kept) >= 3
+    for path in kept:  # another machine: no checkpoint is left
+        path.unlink()
+    history_filter.main(argv)  # the earlier report's numbers of the very same runs stay
+    assert (results / "tiny-history-filter.md").read_text() == markdown
+    assert list(csv.DictReader((results / "tiny-history-filter.csv").open())) == table
+    lru = results / "tiny" / "runs" / "cpu" / "LRURec" / "seed-2020.json"
+    rerun = json.loads(lru.read_text())
+    rerun["test"]["ndcg@10"] += 0.01  # a later run of the row: the earlier numbers are not its own
+    lru.write_text(json.dumps(rerun))
+    history_filter.main(argv)
+    markdown = (results / "tiny-history-filter.md").read_text()
+    assert "| LRURec | | checkpoint not kept |" in markdown and markdown.count("| yes |") == 1
+    (results / "tiny-history-filter.csv").write_text("row,seed,reported_ndcg@10\nLRURec,x,0.1\n")
+    with pytest.raises(SystemExit, match=r"tiny-history-filter.csv:2: unreadable row"):
+        history_filter.main(argv)
