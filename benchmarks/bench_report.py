@@ -155,7 +155,7 @@ def settings_text(run):
     return ", ".join(parts)
 
 
-def row_summary(tag, row, spec, entry, paper, not_run_reason, unavailable=None):
+def row_summary(tag, row, spec, entry, paper, not_run_reason, unavailable=None, stopped=None):
     runs = entry["runs"] if entry else []
     out = OrderedDict(tag=tag, row=row, model=spec["model"], group=spec.get("group", ""),
                       paper_name=spec.get("paper_name", ""), status="", reason="", seeds="", n_seeds=len(runs))
@@ -186,7 +186,7 @@ def row_summary(tag, row, spec, entry, paper, not_run_reason, unavailable=None):
         out["train_samples"] = runs[0].get("train_samples")
         out["valid_curve"] = " ".join(f"{v:.4f}" for v in runs[0].get("valid_curve") or [])
         out["isolated"] = all(r.get("isolated") for r in runs)
-        out["unfinished"] = "; ".join(filter(None, (unfinished_text(entry.get("unfinished") or [], score_name(spec)),
+        out["unfinished"] = "; ".join(filter(None, (unfinished_text(entry.get("unfinished") or [], score_name(spec), stopped),
                                                     not_converged_text(entry.get("not_converged") or []))))
         out["device"] = runs[0]["env"].get("device")
         out["cpu"] = runs[0]["env"].get("cpu")
@@ -195,7 +195,8 @@ def row_summary(tag, row, spec, entry, paper, not_run_reason, unavailable=None):
         out["status"], out["reason"] = "not converged", not_converged_text(entry["not_converged"])
         out["valid_curve"] = " ".join(f"{v:.4f}" for v in entry["not_converged"][0]["valid_curve"])
     elif entry and entry.get("unfinished"):
-        out["status"], out["reason"] = "unfinished", unfinished_text(entry["unfinished"], score_name(spec))
+        out["status"] = "stopped" if stopped else "unfinished"
+        out["reason"] = unfinished_text(entry["unfinished"], score_name(spec), stopped)
         out["valid_curve"] = " ".join(f"{v:.4f}" for v in entry["unfinished"][0]["valid_curve"])
     elif (entry and entry.get("unavailable")) or unavailable:
         out["status"], out["reason"] = "cannot run", (entry or {}).get("unavailable") or unavailable
@@ -212,14 +213,17 @@ def score_name(spec):
     return "validation NDCG@10" if rule == "largest" else f"validation score ({rule} of every size's NDCG@10)"
 
 
-def unfinished_text(progress, score="validation NDCG@10"):
-    """One line per unfinished seed: epochs so far, best validation score and whether it still improves."""
+def unfinished_text(progress, score="validation NDCG@10", stopped=None):
+    """One line per unfinished seed: epochs so far, best validation score and whether it still improves;
+    ``stopped``: why the row was given up (the dataset YAML's ``stopped``), else it may still run or resume."""
     parts = []
     for u in progress:
         since = u["epochs"] - u["best_epoch"]
         trend = "still improving" if since == 0 else f"no gain for {since} epochs"
-        parts.append(f"seed {u['seed']} unfinished after {u['epochs']} epochs (still running or interrupted; the same command "
-                     f"resumes it): best {score} {u['best_valid']:.4f} at epoch {u['best_epoch']}, {trend}")
+        best = f"best {score} {u['best_valid']:.4f} at epoch {u['best_epoch']}, {trend}"
+        parts.append(f"seed {u['seed']} given up after {u['epochs']} epochs, before early stopping ({best}), not a "
+                     f"result: {stopped}" if stopped else f"seed {u['seed']} unfinished after {u['epochs']} epochs "
+                     f"(still running or interrupted; the same command resumes it): {best}")
     return "; ".join(parts)
 
 
@@ -240,7 +244,8 @@ def summaries(dataset, results_dir, settings):
             if spec.get("single_of"):  # generated single-size rows: the nested-vs-independent table
                 continue
             table.append(row_summary(tag, row, spec, runs.get(tag, {}).get(row), (ds.get("paper") or {}).get(row),
-                                     _pattern_value(ds.get("not_run"), row), _pattern_value(ds.get("unavailable"), row)))
+                                     _pattern_value(ds.get("not_run"), row), _pattern_value(ds.get("unavailable"), row),
+                                     _pattern_value(ds.get("stopped"), row)))
     return runs, table
 
 

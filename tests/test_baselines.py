@@ -382,6 +382,12 @@ def test_harness_resumes_an_interrupted_row_from_its_last_epoch(tmp_path, tiny_r
     report = (tmp_path / "cut" / "results" / "tiny.md").read_text()
     assert "| LRURec |" in report and "**unfinished**: seed 2020 unfinished after 2 epochs (still running or interrupted" in report
     assert (tmp_path / "cut" / "results" / "tiny-curves.png").is_file()
+    given_up = dict(settings, dataset=dict(settings["dataset"], stopped={"LRU*": "trailed on validation"}))
+    bench_report.write_report("tiny", tmp_path / "cut" / "results", given_up)  # a row given up is no longer pending
+    report = (tmp_path / "cut" / "results" / "tiny.md").read_text()
+    assert "**stopped**: seed 2020 given up after 2 epochs, before early stopping (best validation NDCG@10" in report
+    assert "), not a result: trailed on validation |" in report
+    assert "still running" not in report.split("| LRURec |")[1].split("\n")[0]
     (runs_dir / "seed-2020.progress.json").unlink()  # as after a kill of a harness without this record:
     args = harness_args(tiny_root / "tiny", tmp_path / "cut", "LRURec", "--max-epochs", "3")
     assert run_benchmark.main(args + ["--report-only"]) == 0  # --report-only rebuilds it from the work folder
