@@ -32,7 +32,8 @@ def write_space(path, fixed, space, derived=None, **top):
 
 # ----------------------------------------------------------------------------- spaces (no Ray, no training)
 
-@pytest.mark.parametrize("name", ["fmrlrec-paper", "fmrlrec-random-asha", "fmrlrec-cpu", "sasrec-cpu", "sasrec-paper"])
+@pytest.mark.parametrize("name", ["fmrlrec-paper", "fmrlrec-random-asha", "fmrlrec-cpu", "sasrec-cpu", "sasrec-paper",
+                                  "fmrlrec-default-levers"])
 def test_shipped_spaces_load(name):
     job = tune_space.build_job(name, "ml-100k")
     params = tune_space.ray_param_space(job["space"], job["search"])
@@ -251,3 +252,73 @@ def test_recbole_baseline_uses_the_same_trial_loop(tiny_root, tmp_path):
     assert not torch.is_anomaly_enabled()  # importing RecBole's SINE turned it on; trials turn it off
     assert [m["epoch"] for m, _ in reports] == [0, 1] and all(has_ckpt for _, has_ckpt in reports)
     assert "valid_size/8" not in reports[0][0] and math.isfinite(reports[-1][0]["best_valid_score"])
+
+
+# ----------------------------------------------------------------------------- repeated seeds
+
+def _row(trial, lr, seed, score, status="TERMINATED"):
+    return {"trial_id": trial, "status": status, "seed": seed, "learning_rate": lr, "best_valid_score": score,
+            "_params": {"learning_rate": lr, "seed": seed}, "_checkpoint": object() if status == "TERMINATED" else None}
+
+
+def test_configurations_rank_on_their_mean_over_seeds():
+    from recbole_fmrl.tune.report import config_groups
+
+    job = {"seeds": [1, 2], "space": {"learning_rate": [0.1, 0.2, 0.3]}, "derived": {}}
+    rows = [_row("a", 0.1, 1, 0.50), _row("b", 0.1, 2, 0.10),   # one lucky seed: mean 0.30
+            _row("c", 0.2, 2, 0.36), _row("d", 0.2, 1, 0.34),   # mean 0.35: selected
+            _row("e", 0.3, 1, 0.90), _row("f", 0.3, 2, float("nan"), status="ERROR")]  # incomplete: never first
+    groups = config_groups(rows, job)
+    assert [g["params"] for g in groups] == [{"learning_rate": 0.2}, {"learning_rate": 0.1}, {"learning_rate": 0.3}]
+    best = groups[0]
+    assert best["complete"] and best["n"] == 2 and [r["seed"] for r in best["rows"]] == [1, 2]
+    assert best["mean"] == pytest.approx(0.35) and best["std"] == pytest.approx(math.sqrt(2 * 0.01 ** 2))
+    assert not groups[2]["complete"] and groups[2]["n"] == 1
+    assert [g["params"]["learning_rate"] for g in config_groups(rows, job, mode="min")][:2] == [0.1, 0.2]
+
+
+def test_seed_summary_is_the_mean_and_sample_std_of_the_seeds():
+    trials = [{"seed": 1, "trial_id": "a"}, {"seed": 2, "trial_id": "b"}, {"seed": 3, "trial_id": "c"}]
+    evals = [{"valid": {"ndcg@10": v}, "test": {"ndcg@10": t}, "valid_metric": "ndcg@10",
+              "size_results": {"8": {"params": 10, "valid": {"ndcg@10": v / 2}, "test": {"ndcg@10": t / 2}}}}
+             for v, t in ((0.3, 0.2), (0.4, 0.1), (0.5, 0.3))]
+    out = tune_search.seed_summary(trials, evals)
+    assert out["test"]["ndcg@10"] == pytest.approx(0.2) and out["test_std"]["ndcg@10"] == pytest.approx(0.1)
+    assert out["valid"]["ndcg@10"] == pytest.approx(0.4) and out["valid_std"]["ndcg@10"] == pytest.approx(0.1)
+    assert out["size_results"]["8"]["test"]["ndcg@10"] == pytest.approx(0.1)
+    assert out["size_results"]["8"]["params"] == 10 and [r["seed"] for r in out["per_seed"]] == [1, 2, 3]
+
+
+def test_seeds_errors(tmp_path):
+    space = write_space(tmp_path / "s.yaml", {}, {"learning_rate": [0.1]}, seeds=[1, 1])
+    with pytest.raises(ValueError, match="seeds must be a list of distinct integers"):
+        tune_space.build_job(str(space), "tiny")
+    space = write_space(tmp_path / "t.yaml", {}, {"learning_rate": [0.1], "seed": [1, 2]}, seeds=[1, 2])
+    with pytest.raises(ValueError, match="seed is searched and the space repeats seeds"):
+        tune_space.build_job(str(space), "tiny")
+    space = write_space(tmp_path / "u.yaml", {}, {"learning_rate": [0.1]})
+    with pytest.raises(ValueError, match="seed is given and the space repeats seeds"):
+        tune_space.build_job(str(space), "tiny", overrides={"seed": "3"}, seeds=[1, 2])
+
+
+def test_search_over_seeds_selects_on_the_mean_and_tests_every_seed(ray_session, tiny_root, tmp_path):
+    space = write_space(tmp_path / "space.yaml", {**tiny_fixed(tiny_root, tmp_path, "learning_rate"), "epochs": 2},
+                        {"learning_rate": [0.003, 0.03]}, seeds=[5, 6])
+    job = tune_space.build_job(str(space), "tiny", storage_path=str(tmp_path / "tune"), name="seeds")
+    summary = tune_search.run_search(job, verbose=0)
+    rows, selected = summary["rows"], summary["selected"]
+    assert sorted((r["learning_rate"], r["seed"]) for r in rows) == [(0.003, 5), (0.003, 6), (0.03, 5), (0.03, 6)]
+    means = {lr: sum(r["best_valid_score"] for r in rows if r["learning_rate"] == lr) / 2 for lr in (0.003, 0.03)}
+    best_lr = max(means, key=means.get)
+    assert selected["params"] == {"learning_rate": best_lr} and selected["seeds"] == [5, 6]
+    assert selected["reported_valid_score"] == pytest.approx(means[best_lr], abs=1e-12)
+    # each seed's best checkpoint re-evaluated gives that trial's own validation score; test kept apart
+    by_seed = {r["seed"]: r["best_valid_score"] for r in rows if r["learning_rate"] == best_lr}
+    assert {run["seed"]: run["valid"]["ndcg@10"] for run in selected["per_seed"]} == pytest.approx(by_seed, abs=1e-9)
+    tests = [run["test"]["ndcg@10"] for run in selected["per_seed"]]
+    assert selected["test"]["ndcg@10"] == pytest.approx(sum(tests) / 2)
+    assert "seed" not in yaml.safe_load(open(summary["best_yaml"])) or \
+        yaml.safe_load(open(summary["best_yaml"]))["seed"] == TINY["seed"]  # the space's own seed, not a tried one
+    md = open(summary["results_md"]).read()
+    assert "Configurations, sorted by their mean validation ndcg@10" in md and "| 2 of 2 |" in md
+    assert "| test, seed 5 |" in md and "| test, seed 6 |" in md

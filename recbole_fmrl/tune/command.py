@@ -7,9 +7,10 @@
 Each trial builds the plugin's Config, Dataset, Model and Trainer, trains epoch by epoch and reports
 validation metrics after every evaluation (so ASHA can stop it early) with a checkpoint that lets an
 interrupted or failed trial resume exactly where it stopped (model, optimiser, early-stopping state
-and random number generators). Selection uses the best validation score of each trial only. The
-selected trial's best checkpoint is evaluated once on the test split afterwards, and that result is
-written separately (``selected.json`` and the Markdown report); no trial ever sees the test split.
+and random number generators). Selection uses the best validation score of each trial only; with
+``--seeds`` (or the space's ``seeds``) every configuration trains once per seed and is ranked on its mean.
+The selected trial's best checkpoint (each seed's) is evaluated once on the test split afterwards, and that
+result is written separately (``selected.json`` and the Markdown report); no trial ever sees the test split.
 
 Outputs under ``<storage_path>/<name>/`` (default ``<fmrl_output_dir>/tune/<model>-<dataset>-<space>``):
 ``results.csv`` and ``results.md`` (trials sorted by validation score), ``best.yaml`` (accepted as is by
@@ -25,6 +26,13 @@ from recbole_fmrl.tune.search import run_search
 from recbole_fmrl.tune.space import SCHEDULERS, SEARCHES, build_job
 
 
+def _seed_list(text):
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected integers separated by commas, e.g. 2020,2021,2022") from None
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         prog="run_recbole_fmrl.py tune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -38,6 +46,9 @@ def parse_args(argv=None):
     parser.add_argument("--scheduler", choices=SCHEDULERS, default=None, help="override the space's scheduler")
     parser.add_argument("--num_samples", type=int, default=None, help="random: configurations; grid: repeats")
     parser.add_argument("--search_seed", type=int, default=None, help="seed of the random search's sampler")
+    parser.add_argument("--seeds", type=_seed_list, default=None,
+                        help="comma list (2020,2021,2022): train every configuration once per seed and select on the "
+                             "mean validation score (overrides the space's seeds)")
     parser.add_argument("--cpus_per_trial", type=float, default=1)
     parser.add_argument("--gpus_per_trial", type=float, default=0, help="fractions share a GPU")
     parser.add_argument("--max_concurrent", type=int, default=None, help="trials running at once (default: as resources allow)")
@@ -69,7 +80,7 @@ def main(argv=None, feature_builder=None):
                     storage_path=args.storage_path, search=args.search, scheduler=args.scheduler,
                     num_samples=args.num_samples, search_seed=args.search_seed, cpus_per_trial=args.cpus_per_trial,
                     gpus_per_trial=args.gpus_per_trial, max_concurrent=args.max_concurrent,
-                    max_failures=args.max_failures, checkpoint_every=args.checkpoint_every)
+                    max_failures=args.max_failures, checkpoint_every=args.checkpoint_every, seeds=args.seeds)
     summary = run_search(job, address=args.address, num_cpus=args.num_cpus, resume=args.resume,
                          retry_errored=args.retry_errored, evaluate_test=not args.no_test, verbose=args.verbose,
                          report_every=args.report_every, feature_builder=feature_builder)

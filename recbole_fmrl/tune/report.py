@@ -1,4 +1,5 @@
-"""Search results: one row per trial (sorted by validation score), results.csv/.md, best.yaml, selected.json."""
+"""Search results: one row per trial (sorted by validation score), with repeated seeds one row per configuration
+(sorted by its mean), results.csv/.md, best.yaml, selected.json."""
 import csv
 import json
 import math
@@ -7,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from recbole_fmrl.tune.space import TRIAL_KEYS, plain, trial_config_dict
+from recbole_fmrl.tune.space import TRIAL_KEYS, plain, searched_keys, trial_config_dict
 from recbole_fmrl.tune.trial import SCORE
 
 
@@ -18,7 +19,7 @@ def _trial_params(result, job, saved_config=None):
         with open(os.path.join(result.path, "params.json")) as f:
             params = json.load(f)
     params = plain(params or {})
-    return {k: params[k] for k in job["space"] if k in params}
+    return {k: params[k] for k in searched_keys(job) if k in params}
 
 
 def read_best_weights(checkpoint):
@@ -79,6 +80,33 @@ def result_rows(grid, job: dict, metric: str, mode: str) -> list:
     return rows
 
 
+def config_groups(rows: list, job: dict, mode: str = "max") -> list:
+    """With repeated seeds: one entry per configuration (its trials over the seeds), best mean validation score
+    first; ``complete`` when every seed's trial finished with a score (only those can be selected). ``rows``
+    come sorted by ``result_rows``, so each group's order and the sort of equal means are deterministic."""
+    groups = {}
+    for row in rows:
+        params = {k: v for k, v in row["_params"].items() if k != "seed"}
+        groups.setdefault(json.dumps(params, sort_keys=True, default=str), {"params": params, "rows": []})["rows"].append(row)
+    out = []
+    for group in groups.values():
+        group["rows"].sort(key=lambda r: (r.get("seed") is None, r.get("seed")))
+        scores = [r[SCORE] for r in group["rows"] if r["status"] == "TERMINATED" and _finite(r[SCORE])]
+        group["complete"] = len(scores) == len(job["seeds"]) and all(r.get("_checkpoint") for r in group["rows"])
+        group["n"] = len(scores)
+        group["mean"] = sum(scores) / len(scores) if scores else float("nan")
+        group["std"] = (sum((x - group["mean"]) ** 2 for x in scores) / (len(scores) - 1)) ** 0.5 \
+            if len(scores) > 1 else float("nan")
+        out.append(group)
+    sign = -1 if mode == "max" else 1
+    out.sort(key=lambda g: (not g["complete"], not _finite(g["mean"]), sign * g["mean"] if _finite(g["mean"]) else 0))
+    return out
+
+
+def _finite(value):
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
 def best_config(job: dict, params: dict) -> dict:
     """The selected configuration as one flat dict (trial-only keys left out)."""
     cfg = trial_config_dict(job, params)
@@ -93,10 +121,68 @@ def _fmt(value):
     return str(value).replace("|", "\\|")
 
 
+def _mean_std(mean, std):
+    return _fmt(mean) + (f" ± {_fmt(std)}" if _finite(std) else "")
+
+
+def _group_lines(groups, job, metric):
+    cols = list(job["space"]) + list(job["derived"])
+    lines = [f"Configurations, sorted by their mean validation {metric} over the seeds (mean ± sample std; only a "
+             "configuration whose every seed finished can be selected):", "",
+             "| rank | " + " | ".join(cols) + f" | valid {metric} | seeds finished | trials |",
+             "|" + "---|" * (len(cols) + 4)]
+    for i, g in enumerate(groups, 1):
+        derived = {k: g["rows"][0].get(k, "") for k in job["derived"]}
+        cells = [g["params"].get(k, derived.get(k, "")) for k in cols]
+        lines.append(f"| {i} | " + " | ".join(_fmt(c) for c in cells) + f" | {_mean_std(g['mean'], g['std'])} | "
+                     f"{g['n']} of {len(job['seeds'])} | {' '.join(r['trial_id'] for r in g['rows'])} |")
+    return lines + [""]
+
+
+def _trial_lines(rows, param_cols, metric, md_metrics):
+    md_cols = ["rank", "trial_id", "end"] + param_cols + [f"valid {metric}", "best epoch", "epochs"] + \
+              [f"valid {k}" for k in md_metrics] + ["time (s)"]
+    lines = ["Trials, sorted by validation score (test metrics are never used to select):", "",
+             "| " + " | ".join(md_cols) + " |", "|" + "---|" * len(md_cols)]
+    for row in rows:
+        cells = [row["rank"], row["trial_id"], row["end"] if row["status"] != "ERROR" else f"error: {row['error'][:80]}"]
+        cells += [row.get(k, "") for k in param_cols]
+        cells += [row[SCORE], row["best_epoch"], row["epochs"]] + [row.get(k, "") for k in md_metrics] + [row["time_s"]]
+        lines.append("| " + " | ".join(_fmt(c) for c in cells) + " |")
+    return lines
+
+
+def _selected_lines(selected, param_cols, best_yaml, metric, cutoff):
+    lines = ["", f"## Selected: trial {selected['trial_id']}", "",
+             "Values: " + ", ".join(f"`{k}={selected['config'].get(k)}`" for k in param_cols), "",
+             f"Configuration: `{best_yaml}`", ""]
+    if "test" not in selected:
+        return lines
+    keys = [k for k in selected["test"] if cutoff is None or k.endswith(f"@{cutoff}")] or list(selected["test"])
+    seeds = selected.get("seeds")
+
+    def cells(split, entry=selected):
+        return " | ".join(_mean_std(entry[split][k], entry.get(f"{split}_std", {}).get(k)) if seeds and entry is selected
+                          else _fmt(entry[split][k]) for k in keys)
+    what = f"each seed's best checkpoint ({len(seeds)}: mean ± sample std)" if seeds else "best checkpoint"
+    lines += [f"{what[0].upper()}{what[1:]}, evaluated once after the search (largest size):", "",
+              "| split | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys),
+              f"| valid | {cells('valid')} |", f"| test | {cells('test')} |"]
+    for run in selected.get("per_seed") or []:
+        lines.append(f"| test, seed {run['seed']} | {cells('test', run)} |")
+    if selected.get("size_results"):
+        lines += ["", f"Per size (one model{'; mean over the seeds' if seeds else ''}), {metric}:", "",
+                  "| size | params | valid | test |", "|---|---|---|---|"]
+        for size, r in selected["size_results"].items():
+            lines.append(f"| {size} | {r['params']:,} | {_mean_std(r['valid'][metric], r.get('valid_std', {}).get(metric))} "
+                         f"| {_mean_std(r['test'][metric], r.get('test_std', {}).get(metric))} |")
+    return lines
+
+
 def write_outputs(exp_dir, job: dict, rows: list, selected, metric: str, mode: str, search_seconds: float,
                   total_seconds: float) -> dict:
     exp_dir = Path(exp_dir)
-    param_cols = list(job["space"]) + list(job["derived"])
+    param_cols = searched_keys(job) + list(job["derived"])
     metric_cols = sorted({k for r in rows for k in r if "@" in k and not k.startswith("_")},
                          key=lambda k: (k != metric, k.split("@")[0], int(k.split("@")[1]) if k.split("@")[1].isdigit() else 0))
     head = ["rank", "trial_id", "status", "end"] + param_cols + [SCORE, "best_epoch", "epochs"]
@@ -108,45 +194,28 @@ def write_outputs(exp_dir, job: dict, rows: list, selected, metric: str, mode: s
             writer.writerow({k: row.get(k, "") for k in csv_cols})
     cutoff = metric.split("@")[1] if "@" in metric else None
     md_metrics = [k for k in metric_cols if k != metric and (cutoff is None or k.endswith(f"@{cutoff}"))][:3]
-    md_cols = ["rank", "trial_id", "end"] + param_cols + [f"valid {metric}", "best epoch", "epochs"] + \
-              [f"valid {k}" for k in md_metrics] + ["time (s)"]
     lines = [f"# Tune: {job['model']} on {job['dataset']} ({Path(job['space_file']).name})", "",
              f"- search: {job['search']}, scheduler: {job['scheduler']}, trials: {len(rows)} "
              f"({sum(r['status'] == 'ERROR' for r in rows)} failed, "
              f"{sum(r['status'] not in ('ERROR', 'TERMINATED') for r in rows)} unfinished), "
-             f"selection: best validation {metric} ({mode})",
-             f"- wall time: search {search_seconds:.0f} s, with the selected trial's test evaluation {total_seconds:.0f} s",
+             f"selection: best validation {metric} ({mode})"
+             + (f", mean over seeds {', '.join(map(str, job['seeds']))}" if job.get("seeds") else ""),
+             f"- wall time: search {search_seconds:.0f} s, with the selected test evaluation {total_seconds:.0f} s",
              f"- resources per trial: {job['resources']['cpu']:g} CPU, {job['resources']['gpu']:g} GPU"
-             + (f"; pinned: {', '.join(job['pinned'])}" if job["pinned"] else ""), "",
-             "Trials, sorted by validation score (test metrics are never used to select):", "",
-             "| " + " | ".join(md_cols) + " |", "|" + "---|" * len(md_cols)]
-    for row in rows:
-        cells = [row["rank"], row["trial_id"], row["end"] if row["status"] != "ERROR" else f"error: {row['error'][:80]}"]
-        cells += [row.get(k, "") for k in param_cols]
-        cells += [row[SCORE], row["best_epoch"], row["epochs"]] + [row.get(k, "") for k in md_metrics] + [row["time_s"]]
-        lines.append("| " + " | ".join(_fmt(c) for c in cells) + " |")
+             + (f"; pinned: {', '.join(job['pinned'])}" if job["pinned"] else ""), ""]
+    if job.get("seeds"):
+        lines += _group_lines(config_groups(rows, job, mode), job, metric)
+    lines += _trial_lines(rows, param_cols, metric, md_metrics)
     if selected:
         best_yaml = exp_dir / "best.yaml"
         header = (f"# Selected by validation {metric} = {selected['reported_valid_score']:.4f} "
-                  f"(trial {selected['trial_id']}, best epoch {selected['best_epoch']}) in {exp_dir}.\n"
+                  + (f"(mean over seeds {selected['seeds']}; " if selected.get("seeds") else "(")
+                  + f"trial {selected['trial_id']}, best epoch {selected['best_epoch']}) in {exp_dir}.\n"
                   f"# Rerun: python run_recbole_fmrl.py --model {job['model']} --dataset {job['dataset']} "
                   f"--config_files {best_yaml}\n")
         best_yaml.write_text(header + yaml.safe_dump(selected["config"], sort_keys=False, default_flow_style=False))
         (exp_dir / "selected.json").write_text(json.dumps(selected, indent=1))
-        lines += ["", f"## Selected: trial {selected['trial_id']}", "",
-                  "Values: " + ", ".join(f"`{k}={selected['config'].get(k)}`" for k in param_cols), "",
-                  f"Configuration: `{best_yaml}`", ""]
-        if "test" in selected:
-            keys = [k for k in selected["test"] if cutoff is None or k.endswith(f"@{cutoff}")] or list(selected["test"])
-            lines += ["Best checkpoint, evaluated once after the search (largest size):", "",
-                      "| split | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys),
-                      "| valid | " + " | ".join(_fmt(selected["valid"][k]) for k in keys) + " |",
-                      "| test | " + " | ".join(_fmt(selected["test"][k]) for k in keys) + " |"]
-            if selected.get("size_results"):
-                lines += ["", f"Per size (one model), {metric}:", "", "| size | params | valid | test |",
-                          "|---|---|---|---|"]
-                for size, r in selected["size_results"].items():
-                    lines.append(f"| {size} | {r['params']:,} | {_fmt(r['valid'][metric])} | {_fmt(r['test'][metric])} |")
+        lines += _selected_lines(selected, [k for k in param_cols if k != "seed"], best_yaml, metric, cutoff)
     (exp_dir / "results.md").write_text("\n".join(lines) + "\n")
     return {"experiment_dir": str(exp_dir), "rows": [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows],
             "selected": selected, "metric": metric, "mode": mode, "search_seconds": search_seconds,

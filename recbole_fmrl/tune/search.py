@@ -6,8 +6,8 @@ import warnings
 from pathlib import Path
 
 from recbole_fmrl.environment import forwarded_env
-from recbole_fmrl.tune.report import best_config, read_best_weights, result_rows, write_outputs
-from recbole_fmrl.tune.space import make_config, ray_param_space
+from recbole_fmrl.tune.report import best_config, config_groups, read_best_weights, result_rows, write_outputs
+from recbole_fmrl.tune.space import make_config, ray_param_space, searched_keys
 from recbole_fmrl.tune.trial import SCORE, evaluate_checkpoint, ray_device_overrides, train_trial
 
 JOB_FILE = "fmrl_job.json"
@@ -86,7 +86,7 @@ def _reporter(job, metric, mode, report_every):
     from ray.tune import CLIReporter
 
     return CLIReporter(
-        parameter_columns=list(job["space"]),
+        parameter_columns=searched_keys(job),
         metric_columns={"epoch": "epoch", "valid_score": metric, SCORE: f"best {metric}", "finished": "end"},
         max_report_frequency=report_every, sort_by_metric=True)  # metric and mode come from TuneConfig
 
@@ -116,7 +116,7 @@ def _new_tuner(job, config, metric, mode, verbose, report_every):
     (exp_dir / JOB_FILE).write_text(json.dumps(job, indent=1))
     return tune.Tuner(
         make_trainable(job),
-        param_space=ray_param_space(job["space"], job["search"]),
+        param_space=ray_param_space(job["space"], job["search"], job.get("seeds")),
         tune_config=tune.TuneConfig(
             metric=SCORE, mode=mode, num_samples=job["num_samples"], scheduler=_scheduler(job, config),
             search_alg=BasicVariantGenerator(random_state=job["search_seed"]),
@@ -142,22 +142,66 @@ def _fit_quietly(tuner):
             os.environ["RAY_AIR_NEW_OUTPUT"] = previous
 
 
-def _select(job, rows, metric, exp_dir, evaluate_test):
-    """The best finished trial (validation only) and, once, its best checkpoint's test metrics."""
+def _evaluate_all(job, trials, exp_dir):
+    """Each trial's best checkpoint evaluated (valid and test), as Ray tasks side by side."""
     import ray
 
-    best = next((r for r in rows if r["status"] == "TERMINATED" and r.get("_checkpoint")), None)
-    best_bytes = read_best_weights(best["_checkpoint"]) if best is not None else None
-    if best_bytes is None:
+    task = ray.remote(_evaluate_task).options(num_cpus=job["resources"]["cpu"], num_gpus=job["resources"]["gpu"],
+                                              max_retries=0)
+    folders = [exp_dir / "selected"] if len(trials) == 1 else [exp_dir / "selected" / f"seed-{t['seed']}" for t in trials]
+    return ray.get([task.remote(job, t["_params"], t["_best"], str(folder)) for t, folder in zip(trials, folders)])
+
+
+def _select(job, rows, metric, mode, exp_dir, evaluate_test):
+    """The best finished configuration (validation only: its trial, or its mean over the seeds) and, once,
+    its best checkpoints' test metrics."""
+    if job.get("seeds"):
+        group = next((g for g in config_groups(rows, job, mode) if g["complete"]), None)
+        trials = group["rows"] if group else []
+    else:
+        trials = [r for r in rows if r["status"] == "TERMINATED" and r.get("_checkpoint")][:1]
+    trials = [dict(t, _best=read_best_weights(t["_checkpoint"])) for t in trials]
+    if not trials or any(t["_best"] is None for t in trials):
         return None
-    selected = {"trial_id": best["trial_id"], "trial_dir": best["trial_dir"], "params": best["_params"],
-                "best_epoch": best["best_epoch"], "reported_valid_score": best[SCORE],
-                "valid_metric": metric, "config": best_config(job, best["_params"])}
+    if not job.get("seeds"):
+        best = trials[0]
+        selected = {"trial_id": best["trial_id"], "trial_dir": best["trial_dir"], "params": best["_params"],
+                    "best_epoch": best["best_epoch"], "reported_valid_score": best[SCORE],
+                    "valid_metric": metric, "config": best_config(job, best["_params"])}
+        if evaluate_test:
+            selected.update(_evaluate_all(job, trials, exp_dir)[0])
+        return selected
+    selected = {"trial_id": " ".join(t["trial_id"] for t in trials), "trial_dir": [t["trial_dir"] for t in trials],
+                "params": group["params"], "seeds": [t["seed"] for t in trials],
+                "best_epoch": [t["best_epoch"] for t in trials], "reported_valid_score": group["mean"],
+                "reported_valid_std": group["std"], "valid_metric": metric, "config": best_config(job, group["params"])}
     if evaluate_test:
-        task = ray.remote(_evaluate_task).options(num_cpus=job["resources"]["cpu"],
-                                                  num_gpus=job["resources"]["gpu"], max_retries=0)
-        selected.update(ray.get(task.remote(job, best["_params"], best_bytes, str(exp_dir / "selected"))))
+        selected.update(seed_summary(trials, _evaluate_all(job, trials, exp_dir)))
     return selected
+
+
+def seed_summary(trials, evaluations):
+    """Per-seed evaluations and their mean (``valid``, ``test``, ``size_results``) and sample std (``*_std``)."""
+    def mean_std(dicts):
+        keys = list(dicts[0])
+        means = {k: sum(d[k] for d in dicts) / len(dicts) for k in keys}
+        stds = {k: (sum((d[k] - means[k]) ** 2 for d in dicts) / (len(dicts) - 1)) ** 0.5 if len(dicts) > 1 else 0.0
+                for k in keys}
+        return means, stds
+
+    out = {"per_seed": [dict(e, seed=t["seed"], trial_id=t["trial_id"]) for t, e in zip(trials, evaluations)],
+           "valid_metric": evaluations[0]["valid_metric"]}
+    for split in ("valid", "test"):
+        out[split], out[f"{split}_std"] = mean_std([e[split] for e in evaluations])
+    sizes = evaluations[0].get("size_results")
+    if sizes:
+        out["size_results"] = {}
+        for m, first in sizes.items():
+            entry = {"params": first["params"]}
+            for split in ("valid", "test"):
+                entry[split], entry[f"{split}_std"] = mean_std([e["size_results"][m][split] for e in evaluations])
+            out["size_results"][m] = entry
+    return out
 
 
 def run_search(job, *, address=None, num_cpus=None, resume="auto", retry_errored=False, evaluate_test=True,
@@ -189,7 +233,7 @@ def run_search(job, *, address=None, num_cpus=None, resume="auto", retry_errored
         unfinished = [r["trial_id"] for r in rows if r["status"] not in ("TERMINATED", "ERROR")]
         if unfinished:
             print(f"search interrupted ({len(unfinished)} trials unfinished): rerun the same command to resume {exp_dir}")
-        selected = None if unfinished else _select(job, rows, metric, exp_dir, evaluate_test)
+        selected = None if unfinished else _select(job, rows, metric, mode, exp_dir, evaluate_test)
         total_seconds = time.perf_counter() - start
         summary = write_outputs(exp_dir, job, rows, selected, metric, mode, search_seconds, total_seconds)
         summary["result_grid"] = grid

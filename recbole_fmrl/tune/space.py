@@ -5,6 +5,8 @@ shared by every trial (``fixed``), the searched keys (``space``) and keys comput
 (``derived``). Layering per trial, later wins: the plugin's properties -> the space's ``fixed`` ->
 ``--config_files`` -> ``key=value`` -> the trial's sampled values -> ``derived``. A key given in
 ``--config_files`` or ``key=value`` that the space searches is pinned (taken out of the search).
+``seeds`` (a list of ints) trains every configuration once per seed: configurations are ranked and
+selected on their mean validation score over the seeds (one lucky seed cannot win).
 """
 import ast
 import contextlib
@@ -22,7 +24,7 @@ from recbole_fmrl.paths import properties_dir
 SEARCHES = ("grid", "random")
 SCHEDULERS = ("fifo", "asha")
 SPACE_KEYS = {"model", "dataset", "search", "scheduler", "num_samples", "search_seed", "asha", "fixed", "space",
-              "derived", "description"}
+              "derived", "description", "seeds"}
 DISTRIBUTIONS = ("grid", "choice", "range", "uniform", "quniform", "loguniform", "qloguniform", "randint", "qrandint")
 # keys each trial sets itself: never searched, never written to best.yaml
 TRIAL_KEYS = ("fmrl_output_dir", "checkpoint_dir", "gpu_id", "use_gpu", "show_progress")
@@ -122,10 +124,25 @@ def grid_points(space: dict, search: str) -> int:
     return n
 
 
-def ray_param_space(space: dict, search: str) -> dict:
+def searched_keys(job: dict) -> list:
+    """The keys a trial's sampled values hold: the space's, and ``seed`` when the job repeats seeds."""
+    return list(job["space"]) + (["seed"] if job.get("seeds") else [])
+
+
+def check_seeds(seeds, where):
+    """``seeds``: None / empty (one run per configuration) or a list of distinct ints."""
+    if not seeds:
+        return []
+    if not isinstance(seeds, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds) \
+            or len(set(seeds)) != len(seeds):
+        raise ValueError(f"{where}: seeds must be a list of distinct integers, got {seeds!r}")
+    return list(seeds)
+
+
+def ray_param_space(space: dict, search: str, seeds=()) -> dict:
     from ray import tune
 
-    out = {}
+    out = {"seed": tune.grid_search(list(seeds))} if seeds else {}
     for key, spec in space.items():
         kind, args = check_distribution(key, spec)
         if kind is None:
@@ -205,7 +222,7 @@ def absolute_paths(cfg):
 
 def build_job(space, dataset=None, model=None, config_files=None, overrides=None, *, name=None, storage_path=None,
               search=None, scheduler=None, num_samples=None, search_seed=None, cpus_per_trial=1, gpus_per_trial=0,
-              max_concurrent=None, max_failures=1, checkpoint_every=1) -> dict:
+              max_concurrent=None, max_failures=1, checkpoint_every=1, seeds=None) -> dict:
     """Everything a search needs, as plain JSON-able values (stored with the experiment for resume)."""
     space_file = find_space(space)
     spec = load_yaml(space_file)
@@ -243,6 +260,10 @@ def build_job(space, dataset=None, model=None, config_files=None, overrides=None
         raise ValueError(f"scheduler: {scheduler!r}, expected one of {SCHEDULERS}")
     for key, value in searched.items():
         check_distribution(key, value)
+    seeds = check_seeds(seeds if seeds is not None else spec.get("seeds"), f"{space_file}: seeds")
+    if seeds and ("seed" in searched or "seed" in derived or "seed" in user):
+        raise ValueError(f"{space_file}: seed is {'given' if 'seed' in user else 'searched'} and the space repeats "
+                         f"seeds {seeds}; keep one")
     base = absolute_paths({**fixed, **user})
     missing = set().union(*[expression_names(e) for e in derived.values()]) - set(base) - set(searched) - set(derived)
     if missing:  # derived from a default value: record the default in the search's base config
@@ -254,7 +275,7 @@ def build_job(space, dataset=None, model=None, config_files=None, overrides=None
         "model": model, "dataset": dataset, "space_file": str(space_file), "name": name,
         "storage_path": str(Path(storage_path).expanduser().resolve() if storage_path else output_dir / "tune"),
         "base": plain(base), "space": plain(searched), "derived": plain(derived), "pinned": pinned,
-        "search": search, "scheduler": scheduler,
+        "search": search, "scheduler": scheduler, "seeds": seeds,
         "num_samples": int(num_samples or spec.get("num_samples") or 1),
         "search_seed": int(search_seed if search_seed is not None else spec.get("search_seed", 0)),
         "asha": dict(spec.get("asha") or {}),
