@@ -15,6 +15,7 @@ from typing import List, Optional
 from dataset_tools import text as text_mod
 from dataset_tools.recbole_files import AtomicFileError, AtomicItems, ensure_item_ids, read_item_file
 from recbole_fmrl.data import features as feature_files
+from recbole_fmrl.data.modality import wants_text
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +117,7 @@ def build_missing_item_features(config) -> None:
         return
     cache = Path(config["fmrl_cache_dir"]) / "features" / name
     item_file = data_dir / f"{name}.item"
-    wants_text = modality in ("auto", "text", "text_image")
-    if _get(config, "fmrl_build_text_features") and wants_text and item_file.is_file():
+    if _get(config, "fmrl_build_text_features") and wants_text(modality) and item_file.is_file():
         encoder = _get(config, "fmrl_text_encoder")
         log.info("item text features for %s: %s (encoder %s)", name, cache, encoder)
         build_text_features(data_dir, name, fields=_get(config, "fmrl_text_fields"), encoder=encoder,

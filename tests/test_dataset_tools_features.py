@@ -291,6 +291,13 @@ def test_features_step_and_first_use_hook(tmp_path, bert):
     assert bare["fmrl_feature_path"] == str(cache)
     assert np.array_equal(features.read_modality(cache, "bare", "text").array, table.array)
     assert [p.name for p in (data / "bare").iterdir()] == ["bare.item"]
+    # Every modality that reads text builds them, the hybrid text + ID table (the default job's) too.
+    (data / "hybrid").mkdir()
+    (data / "hybrid" / "hybrid.item").write_text(item_text)
+    hybrid = dict(bare, dataset="hybrid", data_path=str(data / "hybrid"), fmrl_feature_path=None, fmrl_modality="text_id")
+    build_missing_item_features(hybrid)
+    assert np.array_equal(features.read_modality(tmp_path / "cache" / "features" / "hybrid", "hybrid", "text").array,
+                          table.array)
     # A model that is not the plugin's (RecBole's Config carries model_class): nothing to do.
     class SASRec:
         __module__ = "recbole.model.sequential_recommender.sasrec"
