@@ -94,13 +94,18 @@ def config_groups(rows: list, job: dict, mode: str = "max") -> list:
         scores = [r[SCORE] for r in group["rows"] if r["status"] == "TERMINATED" and _finite(r[SCORE])]
         group["complete"] = len(scores) == len(job["seeds"]) and all(r.get("_checkpoint") for r in group["rows"])
         group["n"] = len(scores)
-        group["mean"] = sum(scores) / len(scores) if scores else float("nan")
-        group["std"] = (sum((x - group["mean"]) ** 2 for x in scores) / (len(scores) - 1)) ** 0.5 \
-            if len(scores) > 1 else float("nan")
+        group["mean"], group["std"] = mean_std(scores)
         out.append(group)
     sign = -1 if mode == "max" else 1
     out.sort(key=lambda g: (not g["complete"], not _finite(g["mean"]), sign * g["mean"] if _finite(g["mean"]) else 0))
     return out
+
+
+def mean_std(values):
+    """Mean and sample standard deviation (nan where undefined: no value, or one)."""
+    n = len(values)
+    mean = sum(values) / n if n else float("nan")
+    return mean, (sum((x - mean) ** 2 for x in values) / (n - 1)) ** 0.5 if n > 1 else float("nan")
 
 
 def _finite(value):
@@ -121,7 +126,7 @@ def _fmt(value):
     return str(value).replace("|", "\\|")
 
 
-def _mean_std(mean, std):
+def _fmt_mean_std(mean, std):
     return _fmt(mean) + (f" ± {_fmt(std)}" if _finite(std) else "")
 
 
@@ -134,7 +139,7 @@ def _group_lines(groups, job, metric):
     for i, g in enumerate(groups, 1):
         derived = {k: g["rows"][0].get(k, "") for k in job["derived"]}
         cells = [g["params"].get(k, derived.get(k, "")) for k in cols]
-        lines.append(f"| {i} | " + " | ".join(_fmt(c) for c in cells) + f" | {_mean_std(g['mean'], g['std'])} | "
+        lines.append(f"| {i} | " + " | ".join(_fmt(c) for c in cells) + f" | {_fmt_mean_std(g['mean'], g['std'])} | "
                      f"{g['n']} of {len(job['seeds'])} | {' '.join(r['trial_id'] for r in g['rows'])} |")
     return lines + [""]
 
@@ -162,7 +167,7 @@ def _selected_lines(selected, param_cols, best_yaml, metric, cutoff):
     seeds = selected.get("seeds")
 
     def cells(split, entry=selected):
-        return " | ".join(_mean_std(entry[split][k], entry.get(f"{split}_std", {}).get(k)) if seeds and entry is selected
+        return " | ".join(_fmt_mean_std(entry[split][k], entry.get(f"{split}_std", {}).get(k)) if seeds and entry is selected
                           else _fmt(entry[split][k]) for k in keys)
     what = f"each seed's best checkpoint ({len(seeds)}: mean ± sample std)" if seeds else "best checkpoint"
     lines += [f"{what[0].upper()}{what[1:]}, evaluated once after the search (largest size):", "",
@@ -174,8 +179,8 @@ def _selected_lines(selected, param_cols, best_yaml, metric, cutoff):
         lines += ["", f"Per size (one model{'; mean over the seeds' if seeds else ''}), {metric}:", "",
                   "| size | params | valid | test |", "|---|---|---|---|"]
         for size, r in selected["size_results"].items():
-            lines.append(f"| {size} | {r['params']:,} | {_mean_std(r['valid'][metric], r.get('valid_std', {}).get(metric))} "
-                         f"| {_mean_std(r['test'][metric], r.get('test_std', {}).get(metric))} |")
+            lines.append(f"| {size} | {r['params']:,} | {_fmt_mean_std(r['valid'][metric], r.get('valid_std', {}).get(metric))} "
+                         f"| {_fmt_mean_std(r['test'][metric], r.get('test_std', {}).get(metric))} |")
     return lines
 
 

@@ -6,7 +6,7 @@ import warnings
 from pathlib import Path
 
 from recbole_fmrl.environment import forwarded_env
-from recbole_fmrl.tune.report import best_config, config_groups, read_best_weights, result_rows, write_outputs
+from recbole_fmrl.tune.report import best_config, config_groups, mean_std, read_best_weights, result_rows, write_outputs
 from recbole_fmrl.tune.space import make_config, ray_param_space, searched_keys
 from recbole_fmrl.tune.trial import SCORE, evaluate_checkpoint, ray_device_overrides, train_trial
 
@@ -182,24 +182,21 @@ def _select(job, rows, metric, mode, exp_dir, evaluate_test):
 
 def seed_summary(trials, evaluations):
     """Per-seed evaluations and their mean (``valid``, ``test``, ``size_results``) and sample std (``*_std``)."""
-    def mean_std(dicts):
-        keys = list(dicts[0])
-        means = {k: sum(d[k] for d in dicts) / len(dicts) for k in keys}
-        stds = {k: (sum((d[k] - means[k]) ** 2 for d in dicts) / (len(dicts) - 1)) ** 0.5 if len(dicts) > 1 else 0.0
-                for k in keys}
-        return means, stds
+    def mean_std_of(dicts):
+        pairs = {k: mean_std([d[k] for d in dicts]) for k in dicts[0]}
+        return {k: m for k, (m, _) in pairs.items()}, {k: sd for k, (_, sd) in pairs.items()}
 
     out = {"per_seed": [dict(e, seed=t["seed"], trial_id=t["trial_id"]) for t, e in zip(trials, evaluations)],
            "valid_metric": evaluations[0]["valid_metric"]}
     for split in ("valid", "test"):
-        out[split], out[f"{split}_std"] = mean_std([e[split] for e in evaluations])
+        out[split], out[f"{split}_std"] = mean_std_of([e[split] for e in evaluations])
     sizes = evaluations[0].get("size_results")
     if sizes:
         out["size_results"] = {}
         for m, first in sizes.items():
             entry = {"params": first["params"]}
             for split in ("valid", "test"):
-                entry[split], entry[f"{split}_std"] = mean_std([e["size_results"][m][split] for e in evaluations])
+                entry[split], entry[f"{split}_std"] = mean_std_of([e["size_results"][m][split] for e in evaluations])
             out["size_results"][m] = entry
     return out
 
