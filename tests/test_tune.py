@@ -53,6 +53,7 @@ def test_paper_grid_is_the_papers():
     assert pinned["pinned"] == ["hidden_size", "n_layers"] and "hidden_size" not in pinned["space"]
     assert pinned["base"]["hidden_size"] == 256
     assert tune_space.grid_points(pinned["space"], "grid") == 8 * 3 * 6 * 2
+    assert tune_space.trial_count(dict(pinned, num_samples=2, seeds=[1, 2, 3])) == 8 * 3 * 6 * 2 * 2 * 3
 
 
 def test_random_search_and_asha(tmp_path):
@@ -62,7 +63,7 @@ def test_random_search_and_asha(tmp_path):
     job = tune_space.build_job("fmrlrec-random-asha", "ml-100k", overrides={"epochs": "12"})
     params = tune_space.ray_param_space(job["space"], job["search"])
     assert isinstance(params["hidden_size"], Categorical) and isinstance(params["learning_rate"], Float)
-    assert tune_space.grid_points(job["space"], job["search"]) == 1 and job["num_samples"] == 40
+    assert tune_space.grid_points(job["space"], job["search"]) == 1 and tune_space.trial_count(job) == 40
     config = tune_space.make_config("FMRLRec", "ml-100k", dict(job["base"]))
     scheduler = tune_search._scheduler(job, config)
     assert isinstance(scheduler, ASHAScheduler) and scheduler._max_t == 12 and scheduler._brackets[0]._rungs[-1][0] == 5
@@ -307,6 +308,7 @@ def test_search_over_seeds_selects_on_the_mean_and_tests_every_seed(ray_session,
     job = tune_space.build_job(str(space), "tiny", storage_path=str(tmp_path / "tune"), name="seeds")
     summary = tune_search.run_search(job, verbose=0)
     rows, selected = summary["rows"], summary["selected"]
+    assert tune_space.trial_count(job) == len(rows) == 4  # the announced count is what Ray ran
     assert sorted((r["learning_rate"], r["seed"]) for r in rows) == [(0.003, 5), (0.003, 6), (0.03, 5), (0.03, 6)]
     means = {lr: sum(r["best_valid_score"] for r in rows if r["learning_rate"] == lr) / 2 for lr in (0.003, 0.03)}
     best_lr = max(means, key=means.get)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from recbole_fmrl.environment import forwarded_env
 from recbole_fmrl.tune.report import best_config, config_groups, mean_std, read_best_weights, result_rows, write_outputs
-from recbole_fmrl.tune.space import make_config, ray_param_space, searched_keys
+from recbole_fmrl.tune.space import make_config, ray_param_space, searched_keys, trial_count
 from recbole_fmrl.tune.trial import SCORE, evaluate_checkpoint, ray_device_overrides, train_trial
 
 JOB_FILE = "fmrl_job.json"
@@ -218,6 +218,8 @@ def run_search(job, *, address=None, num_cpus=None, resume="auto", retry_errored
         if restorable:
             job = json.loads((exp_dir / JOB_FILE).read_text())
             print(f"resuming {exp_dir} (the stored search settings are used)")
+        else:
+            print(f"search {job['name']}: {trial_count(job)} trials")
         config = _driver_config(job, feature_builder)
         metric, mode = config["valid_metric"].lower(), _mode(config)
         tuner = (tune.Tuner.restore(str(exp_dir), trainable=make_trainable(job), resume_unfinished=True,

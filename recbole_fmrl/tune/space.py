@@ -124,6 +124,11 @@ def grid_points(space: dict, search: str) -> int:
     return n
 
 
+def trial_count(job: dict) -> int:
+    """Trainings the job runs: grid points x samples x seeds (Ray grids the seeds like any other axis)."""
+    return grid_points(job["space"], job["search"]) * job["num_samples"] * max(1, len(job.get("seeds") or []))
+
+
 def searched_keys(job: dict) -> list:
     """The keys a trial's sampled values hold: the space's, and ``seed`` when the job repeats seeds."""
     return list(job["space"]) + (["seed"] if job.get("seeds") else [])
