@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from recbole_fmrl import atomic_write  # noqa: E402
 from recbole_fmrl.environment import cpu_name  # noqa: E402
 from recbole_fmrl.model.loss import (  # noqa: E402
     auto_chunk_size,
@@ -101,7 +102,7 @@ def rss_peak_mb(fn):
     return status("VmHWM") - before
 
 
-def main():
+def parse_args():
     ap = argparse.ArgumentParser()
     ap.add_argument("--P", type=int, default=2800)
     ap.add_argument("--N", type=int, default=12101)
@@ -112,107 +113,123 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-reference", action="store_true")
     ap.add_argument("--out", default="results/loss_bench.md")
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def header_lines(args):
+    return ["# Matryoshka cross-entropy benchmark", "",
+            f"Command: `python {' '.join(sys.argv)}`", "",
+            f"- CPU: {cpu_name()}, {os.cpu_count()} logical cores, "
+            f"torch.set_num_threads({args.threads}), subnormals flushed to zero",
+            f"- torch {torch.__version__}, capability {torch.backends.cpu.get_cpu_capability()}, float32",
+            f"- P = {args.P} labelled positions, N = {args.N} items; loadavg at start {' '.join(loadavg())}"]
+
+
+def loss_variants(d, sizes, args, chunks, row_blocks):
+    """(label, fn) pairs for width d on fresh random inputs; each fn runs forward + backward once."""
+    P, N = args.P, args.N
+    hidden = torch.randn(P, d).requires_grad_()
+    items = (torch.randn(N, d) * 0.1).requires_grad_()
+    labels = torch.randint(0, N, (P,))
+
+    def plain():
+        return torch.autograd.grad(F.cross_entropy(hidden @ items.T, labels), [hidden, items])
+
+    def reference():
+        out = matryoshka_cross_entropy_reference(hidden, items, labels, sizes)
+        return torch.autograd.grad(out.sum(), [hidden, items])
+
+    def fused(c):
+        def run():
+            out = matryoshka_cross_entropy(hidden, items, labels, sizes, c)
+            return torch.autograd.grad(out.sum(), [hidden, items])
+        return run
+
+    def single(r, native=None, sz=sizes):
+        w = torch.full((len(sz),), 1.0 / len(sz))
+
+        def run():
+            out = matryoshka_cross_entropy(hidden, items, labels, sz, 0, weights=w, row_block=r, native=native)
+            return torch.autograd.grad((out * w).sum(), [hidden, items])
+        return run
+
+    variants = [("plain CE, size d only", plain)]
+    if not args.no_reference:
+        variants.append((f"reference, all {len(sizes)} sizes", reference))
+    for c in chunks:
+        cc = auto_chunk_size(len(sizes), P, N) if c == 0 else c
+        variants.append((f"fused, all {len(sizes)} sizes, chunk {cc}" + (" (auto)" if c == 0 else ""), fused(c)))
+    for r in row_blocks:
+        rr = auto_row_block(len(sizes), P, N, hidden_size=d) if r == 0 else r
+        label = f"single-pass, all {len(sizes)} sizes, rows {rr}" + (" (auto)" if r == 0 else "")
+        variants.append((label + ", compiled kernel", single(r)))
+        variants.append((label + ", PyTorch ops", single(r, native=False)))
+    if row_blocks:
+        variants.append(("single-pass, size d only, compiled kernel", single(0, sz=[d])))
+    return variants
+
+
+def time_variants(variants, reps):
+    """Milliseconds per call of each variant, after one warm-up call of every variant."""
+    times = {name: [] for name, _ in variants}
+    for _, fn in variants:
+        fn()
+    for r in range(reps):  # interleaved so that load changes hit all variants alike
+        for name, fn in variants:
+            if name.startswith("reference") and r >= 2:  # the slow reference: two repetitions suffice
+                continue
+            t = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - t) * 1e3)
+    return times
+
+
+def measure_width(d, args, chunks, row_blocks):
+    """Table rows for width d (relative to plain CE) and the line with its matmul rates."""
+    sizes = SIZES.get(d) or [d]
+    gf_f, gf_b = matmul_gflops(args.P, args.N, d)
+    variants = loss_variants(d, sizes, args, chunks, row_blocks)
+    times = time_variants(variants, args.reps)
+    mem = {name: (peak_alloc_mb(fn), rss_peak_mb(fn)) for name, fn in variants}
+    base_t, base_m = min(times[variants[0][0]]), mem[variants[0][0]][0]
+    rows = [(d, str(sizes), name, min(times[name]), statistics.median(times[name]), min(times[name]) / base_t,
+             mem[name][0], mem[name][0] / base_m, mem[name][1]) for name, _ in variants]
+    flop_ms = 3 * 2.0 * args.P * args.N * d / (gf_b * 1e9) * 1e3
+    line = (f"- d = {d}: fp32 matmul {gf_f:.0f} GFLOP/s ([P,d]@[d,N] into a preallocated output), "
+            f"{gf_b:.0f} GFLOP/s ([P,N]@[N,d]); the 3 matmuls of plain CE fwd+bwd at that rate: {flop_ms:.0f} ms")
+    return rows, line
+
+
+def table_lines(rows):
+    lines = ["| d | sizes | variant | fwd+bwd ms (min) | median | time / plain | "
+             "peak alloc MB | mem / plain | peak RSS growth MB |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for d, sizes, name, tmin, tmed, tr, m, mr, rss in rows:
+        rss_s = "n/a" if rss is None else f"{rss:.0f}"
+        lines.append(f"| {d} | {sizes} | {name} | {tmin:.0f} | {tmed:.0f} | {tr:.2f} | {m:.0f} | {mr:.2f} | {rss_s} |")
+    return lines
+
+
+def main():
+    args = parse_args()
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)  # as in training (properties/overall.yaml: fmrl_flush_denormal)
     torch.manual_seed(0)
-    P, N = args.P, args.N
     chunks = [int(c) for c in args.chunks.split(",") if c]
     row_blocks = [int(r) for r in args.rows.split(",") if r]
-
-    lines = ["# Matryoshka cross-entropy benchmark", ""]
-    lines.append(f"Command: `python {' '.join(sys.argv)}`")
-    lines.append("")
-    lines.append(f"- CPU: {cpu_name()}, {os.cpu_count()} logical cores, "
-                 f"torch.set_num_threads({args.threads}), subnormals flushed to zero")
-    lines.append(f"- torch {torch.__version__}, capability "
-                 f"{torch.backends.cpu.get_cpu_capability()}, float32")
-    lines.append(f"- P = {P} labelled positions, N = {N} items; loadavg at start "
-                 f"{' '.join(loadavg())}")
+    lines = header_lines(args)
     print("\n".join(lines), flush=True)
-
     rows = []
     for d in [int(x) for x in args.dims.split(",")]:
-        sizes = SIZES.get(d) or [d]
-        gf_f, gf_b = matmul_gflops(P, N, d)
-        hidden = torch.randn(P, d).requires_grad_()
-        items = (torch.randn(N, d) * 0.1).requires_grad_()
-        labels = torch.randint(0, N, (P,))
-
-        def plain():
-            return torch.autograd.grad(F.cross_entropy(hidden @ items.T, labels), [hidden, items])
-
-        def reference():
-            out = matryoshka_cross_entropy_reference(hidden, items, labels, sizes)
-            return torch.autograd.grad(out.sum(), [hidden, items])
-
-        def fused(c):
-            def run():
-                out = matryoshka_cross_entropy(hidden, items, labels, sizes, c)
-                return torch.autograd.grad(out.sum(), [hidden, items])
-            return run
-
-        def single(r, native=None, sz=sizes):
-            w = torch.full((len(sz),), 1.0 / len(sz))
-
-            def run():
-                out = matryoshka_cross_entropy(hidden, items, labels, sz, 0, weights=w,
-                                               row_block=r, native=native)
-                return torch.autograd.grad((out * w).sum(), [hidden, items])
-            return run
-
-        variants = [("plain CE, size d only", plain)]
-        if not args.no_reference:
-            variants.append((f"reference, all {len(sizes)} sizes", reference))
-        for c in chunks:
-            cc = auto_chunk_size(len(sizes), P, N) if c == 0 else c
-            label = f"fused, all {len(sizes)} sizes, chunk {cc}" + (" (auto)" if c == 0 else "")
-            variants.append((label, fused(c)))
-        for r in row_blocks:
-            rr = auto_row_block(len(sizes), P, N, hidden_size=d) if r == 0 else r
-            label = (f"single-pass, all {len(sizes)} sizes, rows {rr}"
-                     + (" (auto)" if r == 0 else ""))
-            variants.append((label + ", compiled kernel", single(r)))
-            variants.append((label + ", PyTorch ops", single(r, native=False)))
-        if row_blocks:
-            variants.append(("single-pass, size d only, compiled kernel", single(0, sz=[d])))
-        times = {name: [] for name, _ in variants}
-        for _, fn in variants:  # warm-up
-            fn()
-        for r in range(args.reps):  # interleaved so that load changes hit all variants alike
-            for name, fn in variants:
-                if name.startswith("reference") and r >= 2:
-                    continue
-                t = time.perf_counter()
-                fn()
-                times[name].append((time.perf_counter() - t) * 1e3)
-        mem = {name: (peak_alloc_mb(fn), rss_peak_mb(fn)) for name, fn in variants}
-        base_t = min(times[variants[0][0]])
-        base_m = mem[variants[0][0]][0]
-        for name, _ in variants:
-            ts = times[name]
-            rows.append((d, str(sizes), name, min(ts), statistics.median(ts), min(ts) / base_t,
-                         mem[name][0], mem[name][0] / base_m, mem[name][1]))
-        flop_ms = 3 * 2.0 * P * N * d / (gf_b * 1e9) * 1e3
-        lines.append(f"- d = {d}: fp32 matmul {gf_f:.0f} GFLOP/s ([P,d]@[d,N] into a preallocated "
-                     f"output), {gf_b:.0f} GFLOP/s ([P,N]@[N,d]); the 3 matmuls of plain CE "
-                     f"fwd+bwd at that rate: {flop_ms:.0f} ms")
-        print(lines[-1], flush=True)
-
+        width_rows, line = measure_width(d, args, chunks, row_blocks)
+        rows += width_rows
+        lines.append(line)
+        print(line, flush=True)
     lines += ["", f"loadavg at end: {' '.join(loadavg())} (the machine is shared; times are the "
               f"min / median over {args.reps} interleaved repetitions)", ""]
-    lines.append("| d | sizes | variant | fwd+bwd ms (min) | median | time / plain | "
-                 "peak alloc MB | mem / plain | peak RSS growth MB |")
-    lines.append("|---|---|---|---|---|---|---|---|---|")
-    for d, sizes, name, tmin, tmed, tr, m, mr, rss in rows:
-        rss_s = "n/a" if rss is None else f"{rss:.0f}"
-        lines.append(f"| {d} | {sizes} | {name} | {tmin:.0f} | {tmed:.0f} | {tr:.2f} | {m:.0f} | "
-                     f"{mr:.2f} | {rss_s} |")
-    text = "\n".join(lines) + "\n"
-    print("\n".join(lines[-len(rows) - 2:]))
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        f.write(text)
+    table = table_lines(rows)
+    print("\n".join(table))
+    atomic_write.write_text(args.out, "\n".join(lines + table) + "\n")
 
 
 if __name__ == "__main__":
