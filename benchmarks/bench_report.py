@@ -510,7 +510,8 @@ def plot_curves(path, dataset, runs):
     return True
 
 
-def markdown(dataset, settings, runs, table, series, sizes_png, nested_section=(), curves_png=None):
+def intro_lines(dataset, settings, runs):
+    """Title, description, the protocol every row shares, and the commands that produced the rows."""
     ds = settings["dataset"]
     lines = [f"# {ds.get('title', dataset)}: side-by-side benchmark", ""]
     if ds.get("description"):
@@ -534,68 +535,79 @@ def markdown(dataset, settings, runs, table, series, sizes_png, nested_section=(
         lines += ["Commands that produced these rows (run from the repository root; `--work-dir`, where logs and "
                   "checkpoints went, left out):", "", "```bash"]
         lines += commands + ["```", ""]
+    return lines
+
+
+def row_cells(r):
+    """One results-table row: metrics and costs of a converged row, else its status and the reason."""
+    paper = [f"{r['paper_ndcg@10']:.4f}" if r["paper_ndcg@10"] is not None else "",
+             f"{r['paper_recall@10']:.4f}" if r["paper_recall@10"] is not None else ""]
+    if r["status"] != "ok":
+        return [r["group"], f"{r['row']}", "", "", "", "", "", "", *paper, "", "", "", "", "", "",
+                f"**{r['status']}**: {r['reason']}"]
+    # converged rows only: a budget that ended one struck after patience had run out
+    note = stop_note(r["stopped_by"])
+    if r.get("unfinished"):
+        note.append(r["unfinished"])
+    return [r["group"], r["row"], r["settings"], str(r["n_seeds"]),
+            *[fmt_metric(r[f"test_{m}"], r[f"test_{m}_std"]) for m in TABLE_METRICS], *paper,
+            fmt_params(r["params"]), f"{r['epochs']:.0f} ({r['best_epoch']:.0f})",
+            f"{r['train_epoch_s']:.1f}" + (f" ({r['train_epoch_cpu_s']:.1f})" if r.get("train_epoch_cpu_s") else ""),
+            f"{r['valid_epoch_s']:.1f}", fmt_seconds(r["wall_s"]),
+            f"{r['peak_rss_mb'] / 1024:.2f} GB" + (f", GPU {r['peak_gpu_mb'] / 1024:.2f} GB" if r.get("peak_gpu_mb") else ""),
+            "; ".join(note)]
+
+
+def sizes_lines(tag, series_entry, sizes_png):
+    """The per-size table of one nested model (paper Figure 3) and its plot."""
+    row, n, data = series_entry
+    lines = [f"### Every size from one training ({row}, {tag}; paper Figure 3)", "",
+             f"One FMRLRec model ({n} seed{'s' if n > 1 else ''}), best checkpoint chosen on the largest size's "
+             "validation NDCG@10; each size m uses the first m dims of every layer. Test metrics.", "",
+             "| size m | params | N@5 | R@5 | N@10 | R@10 | N@20 | R@20 | R@50 |", "|---|---|---|---|---|---|---|---|---|"]
+    for size, params, m in data:
+        lines.append(f"| {size} | {fmt_params(params)} | " + " | ".join(
+            fmt_metric(m[f"test_{k}"], m[f"test_{k}_std"]) for k in
+            ("ndcg@5", "recall@5", "ndcg@10", "recall@10", "ndcg@20", "recall@20", "recall@50")) + " |")
+    return lines + ["", f"![per-size results]({sizes_png.name})", ""]
+
+
+def environment_lines(runs):
+    envs = environments(runs)
+    if not envs:
+        return []
+    lines = ["## Environment", ""]
+    for env in envs:
+        load = env["load"]
+        lines.append(
+            f"- **{env['tag']}**: {env.get('gpu') or env.get('cpu')} ({env.get('cpu_count')} CPUs, "
+            f"{env.get('memory_gb')} GB RAM, torch threads {env.get('torch_threads')}"
+            + (f", CPU {env.get('cpu')}" if env.get("gpu") else "") + f"); {env.get('os')}; Python "
+            f"{env.get('python')}, torch {env.get('torch')}, RecBole {env.get('recbole')}, numpy {env.get('numpy')}; "
+            f"recbole_fmrl commit {', '.join(sorted(env['commits']))}; 1-min load average during the runs "
+            f"{min(load):.1f}-{max(load):.1f}.")
+    return lines + [""]
+
+
+def markdown(dataset, settings, runs, table, series, sizes_png, nested_section=(), curves_png=None):
+    lines = intro_lines(dataset, settings, runs)
+    head = ["group", "row", "settings", "seeds", *[SHORT[m] for m in TABLE_METRICS], "paper N@10", "paper R@10",
+            "params", "epochs (best)", "train s/epoch: wall (CPU)", "valid s", "wall / seed", "peak RSS", "note"]
     for tag in (list(runs) or ["cpu"]):
-        part = [r for r in table if r["tag"] == tag]
-        lines += [f"## Results ({tag})", ""]
-        head = ["group", "row", "settings", "seeds", *[SHORT[m] for m in TABLE_METRICS], "paper N@10", "paper R@10",
-                "params", "epochs (best)", "train s/epoch: wall (CPU)", "valid s", "wall / seed", "peak RSS", "note"]
-        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for r in part:
-            paper = [f"{r['paper_ndcg@10']:.4f}" if r["paper_ndcg@10"] is not None else "",
-                     f"{r['paper_recall@10']:.4f}" if r["paper_recall@10"] is not None else ""]
-            if r["status"] != "ok":
-                cells = [r["group"], f"{r['row']}", "", "", "", "", "", "", *paper, "", "", "", "", "", "",
-                         f"**{r['status']}**: {r['reason']}"]
-            else:
-                # converged rows only: a budget that ended one struck after patience had run out
-                note = stop_note(r["stopped_by"])
-                if r.get("unfinished"):
-                    note.append(r["unfinished"])
-                cells = [r["group"], r["row"], r["settings"], str(r["n_seeds"]),
-                         *[fmt_metric(r[f"test_{m}"], r[f"test_{m}_std"]) for m in TABLE_METRICS], *paper,
-                         fmt_params(r["params"]), f"{r['epochs']:.0f} ({r['best_epoch']:.0f})",
-                         f"{r['train_epoch_s']:.1f}" + (f" ({r['train_epoch_cpu_s']:.1f})" if r.get("train_epoch_cpu_s") else ""),
-                         f"{r['valid_epoch_s']:.1f}", fmt_seconds(r["wall_s"]),
-                         f"{r['peak_rss_mb'] / 1024:.2f} GB" + (f", GPU {r['peak_gpu_mb'] / 1024:.2f} GB"
-                                                                if r.get("peak_gpu_mb") else ""),
-                         "; ".join(note)]
-            lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+        lines += [f"## Results ({tag})", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += ["| " + " | ".join(str(c) for c in row_cells(r)) + " |" for r in table if r["tag"] == tag]
         lines.append("")
         if tag in series:
-            row, n, data = series[tag]
-            lines += [f"### Every size from one training ({row}, {tag}; paper Figure 3)", "",
-                      f"One FMRLRec model ({n} seed{'s' if n > 1 else ''}), best checkpoint chosen on the largest size's "
-                      "validation NDCG@10; each size m uses the first m dims of every layer. Test metrics.", "",
-                      "| size m | params | N@5 | R@5 | N@10 | R@10 | N@20 | R@20 | R@50 |", "|---|---|---|---|---|---|---|---|---|"]
-            for size, params, m in data:
-                lines.append(f"| {size} | {fmt_params(params)} | " + " | ".join(
-                    fmt_metric(m[f"test_{k}"], m[f"test_{k}_std"]) for k in
-                    ("ndcg@5", "recall@5", "ndcg@10", "recall@10", "ndcg@20", "recall@20", "recall@50")) + " |")
-            lines += ["", f"![per-size results]({sizes_png.name})", ""]
+            lines += sizes_lines(tag, series[tag], sizes_png)
     if curves_png is not None:
         lines += ["### Validation curves", "", "Every row's validation NDCG@10 per epoch, one line per seed (the dot is "
                   "the epoch whose checkpoint was tested; dashed: a run still unfinished, or one a budget ended before early "
                   "stopping: no result).", "",
                   f"![validation curves]({curves_png.name})", ""]
     lines += list(nested_section)
-    for note in ds.get("notes") or []:
-        lines.append(f"- {note.strip()}")
-    if ds.get("notes"):
-        lines.append("")
-    envs = environments(runs)
-    if envs:
-        lines += ["## Environment", ""]
-        for env in envs:
-            load = env["load"]
-            lines.append(
-                f"- **{env['tag']}**: {env.get('gpu') or env.get('cpu')} ({env.get('cpu_count')} CPUs, "
-                f"{env.get('memory_gb')} GB RAM, torch threads {env.get('torch_threads')}"
-                + (f", CPU {env.get('cpu')}" if env.get("gpu") else "") + f"); {env.get('os')}; Python "
-                f"{env.get('python')}, torch {env.get('torch')}, RecBole {env.get('recbole')}, numpy {env.get('numpy')}; "
-                f"recbole_fmrl commit {', '.join(sorted(env['commits']))}; 1-min load average during the runs "
-                f"{min(load):.1f}-{max(load):.1f}.")
-        lines.append("")
-    return "\n".join(lines)
+    notes = settings["dataset"].get("notes") or []
+    lines += [f"- {note.strip()}" for note in notes] + ([""] if notes else [])
+    return "\n".join(lines + environment_lines(runs))
 
 
 def write_report(dataset, results_dir, settings):
