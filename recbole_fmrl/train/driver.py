@@ -16,6 +16,7 @@ from recbole.utils import init_seed, set_color
 
 from recbole_fmrl.data.modality import resolve_for_run
 from recbole_fmrl.environment import set_numerics
+from recbole_fmrl.model import native
 from recbole_fmrl.train import checkpoint, distributed, validate
 from recbole_fmrl.train.config import Config
 from recbole_fmrl.train.outputs import init_logger
@@ -39,6 +40,7 @@ def prepare(model: Optional[str] = None, dataset: Optional[str] = None, config_f
     if config is None:
         config = Config(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict)
     set_numerics(config["fmrl_flush_denormal"])
+    native.set_cache_dir(config["fmrl_cache_dir"])  # the compiled loss kernel is built and found there
     init_seed(config["seed"], config["reproducibility"])
     checked = validate.check_run(config)
     if log and distributed.is_main():  # multi-process runs: rank 0 writes the log
