@@ -9,6 +9,8 @@ PLUGIN_MODELS = {
     "LRURec": "recbole_fmrl.model.lrurec",
     "FMLPRec": "recbole_fmrl.model.fmlprec",
     "SASRecAP": "recbole_fmrl.model.sasrecap",
+    "BSARec": "recbole_fmrl.model.bsarec",
+    "UniSRec": "recbole_fmrl.model.unisrec",
 }
 
 
