@@ -235,3 +235,40 @@ def test_learns_beyond_popularity_and_reloads_to_the_same_metrics(tiny_config, m
     assert state["config"]["model"] == model
     reloaded = trainer.evaluate(test, load_best_model=True, model_file=result["saved_model_file"])
     assert reloaded == result["test_result"]
+
+
+# ----------------------------------------------------------------------------------------- harness
+
+def test_harness_rows_run_and_report_their_settings(tmp_path, tiny_root):
+    import json
+    import sys
+    from pathlib import Path
+
+    benchmarks = Path(__file__).resolve().parents[1] / "benchmarks"
+    sys.path.insert(0, str(benchmarks))
+    import run_benchmark
+
+    args = ["--dataset", "tiny", "--data-path", str(tiny_root), "--models", "BSARec,UniSRec", "--max-epochs", "1",
+            "--results-dir", str(tmp_path / "results"), "--work-dir", str(tmp_path / "work"), "--isolation", "inprocess",
+            "--set", "state=ERROR", "--set", "hidden_size=16", "--set", "inner_size=32", "--set", "n_heads=2",
+            "--set", "MAX_ITEM_LIST_LENGTH=20", "--set", "topk=[5,10,20]"]
+    assert run_benchmark.main(args) == 0
+    import bench_report
+
+    results = {row: json.loads((tmp_path / "results" / "tiny" / "runs" / "cpu" / row / "seed-2020.json").read_text())
+               for row in ("BSARec", "UniSRec")}
+    assert all(r["status"] == "ok" and r["model"] == row for row, r in results.items())
+    assert bench_report.settings_text(results["BSARec"]) == \
+        "d=16, 2 blk, alpha 0.7, c 5, prefix samples, drop 0.5, adam lr 0.0005 bs 256"
+    assert bench_report.settings_text(results["UniSRec"]) == \
+        "d=16, 2 blk, text + ID, 8 experts, tau 0.07, raw features, prefix samples, drop 0.5, adam lr 0.001 bs 2048"
+    report = (tmp_path / "results" / "tiny.md").read_text()
+    assert "| ID-based | BSARec |" in report and "| Text-based | UniSRec |" in report
+    bare = tmp_path / "bare" / "bare"  # no feature tables, no .item file: UniSRec cannot run there
+    bare.mkdir(parents=True)
+    settings = run_benchmark.load_settings("bare")
+    model, config = run_benchmark.row_config(settings, "UniSRec", "cpu")
+    assert run_benchmark.unavailable_reason(settings, "UniSRec", model, config, str(bare.parent), "bare") == \
+        f"no text features for bare in {bare}"
+    model, config = run_benchmark.row_config(settings, "BSARec", "cpu")
+    assert run_benchmark.unavailable_reason(settings, "BSARec", model, config, str(bare.parent), "bare") is None
