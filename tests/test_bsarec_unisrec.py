@@ -272,3 +272,19 @@ def test_harness_rows_run_and_report_their_settings(tmp_path, tiny_root):
         f"no text features for bare in {bare}"
     model, config = run_benchmark.row_config(settings, "BSARec", "cpu")
     assert run_benchmark.unavailable_reason(settings, "BSARec", model, config, str(bare.parent), "bare") is None
+
+
+def test_table2_spaces_give_every_row_the_same_budget():
+    from recbole_fmrl.tune import space as tune_space
+
+    models = {}
+    for name in ("fmrlrec-table2", "sasrecap-table2", "bsarec-table2", "unisrec-table2", "lrurec-table2"):
+        job = tune_space.build_job(name, "ml-100k")
+        models[job["model"]] = job
+        assert sorted(job["space"]) == ["hidden_dropout_prob", "hidden_size", "learning_rate"]
+        assert tune_space.grid_points(job["space"], job["search"]) == 8 and job["seeds"] == [2020, 2021, 2022]
+        assert job["scheduler"] == "fifo" and job["base"]["stopping_step"] == 10 and job["base"]["epochs"] == 200
+        cfg = tune_space.trial_config_dict(job, {"hidden_size": 64, "hidden_dropout_prob": 0.3, "learning_rate": 1e-3})
+        assert cfg["attn_dropout_prob"] == 0.3
+    assert sorted(models) == ["BSARec", "FMRLRec", "LRURec", "SASRecAP", "UniSRec"]
+    assert models["BSARec"]["base"]["bsarec_alpha"] == 0.7 and models["SASRecAP"]["base"]["train_batch_size"] == 512
