@@ -9,6 +9,7 @@ from recbole_fmrl.deploy.command import export_main, recommend_main
 from recbole_fmrl.deploy.funnel import funnel_cost, funnel_topk, parse_funnel
 from recbole_fmrl.deploy.recommender import Recommender, UnknownItemError
 from recbole_fmrl.deploy.streaming import run_recurrent
+from recbole_fmrl.train import checkpoint
 from recbole_fmrl.train.driver import prepare
 from tests.conftest import write_tiny_dataset
 
@@ -36,7 +37,7 @@ def build_and_save(root, out, modality="text_image", **overrides):
         "data_path": str(root), "fmrl_output_dir": str(out / "runs"), "fmrl_cache_dir": str(out / "cache"),
         "hidden_size": 32, "fmrl_sizes": SIZES, "n_layers": 2, "fmrl_ffn_ratio": 2, "fmrl_modality": modality,
         "epochs": 1, "train_batch_size": 16, "eval_batch_size": 64, "show_progress": False, "use_gpu": False,
-        "state": "ERROR", "MAX_ITEM_LIST_LENGTH": WINDOW, "seed": 7, **overrides}
+        "state": "ERROR", "MAX_ITEM_LIST_LENGTH": WINDOW, "seed": 7, "topk": [5, 10, 20], **overrides}
     _, net, trainer, data = prepare(model="FMRLRec", dataset="tinyt", config_dict=config, log=False)
     perturb(net)
     trainer._save_checkpoint(0, verbose=False)
@@ -266,7 +267,7 @@ def test_export_refuses_changed_features_and_unknown_sizes(exported, tmp_path):
         return
     state = torch.load(ckpt, weights_only=True)
     state["export"]["feature_sha256"] = {k: "0" * 64 for k in state["export"]["feature_sha256"]}
-    torch.save(state, tmp_path / "changed.pth")
+    checkpoint.write(tmp_path / "changed.pth", state)  # a consistent checkpoint whose features moved on
     with pytest.raises(ValueError, match="differ from the ones the model was trained on"):
         export_sizes(tmp_path / "changed.pth", [8], tmp_path / "out")
     assert not (tmp_path / "out" / "size-8").exists()

@@ -1,7 +1,7 @@
 """Training checkpoint -> one artifact folder per size (see ``artifact.py`` for the format).
 
-Reads only the checkpoint (``torch.load(weights_only=True)``) and, for feature-based models, the
-frozen feature files it names (refused when their sha256 changed since training): no RecBole
+Reads only the checkpoint (``torch.load(weights_only=True)``, its payload sha256 verified) and, for
+feature-based models, the frozen feature files it names (refused when their sha256 changed since training): no RecBole
 Dataset, no Config. Each size-m artifact keeps the first-m slices of every nested weight (stored
 pre-masked), the projected size-m item table, the raw item ids and titles.
 """
@@ -15,6 +15,7 @@ from torch.nn import functional as F
 from recbole_fmrl.deploy import artifact
 from recbole_fmrl.deploy.runtime import ServingNet
 from recbole_fmrl.model.nested import staircase_mask
+from recbole_fmrl.train import checkpoint
 
 SERVING_KEYS = ("n_items", "n_layers", "ffn_ratio", "state_ratio", "layer_norm_eps", "max_seq_length")
 PROVENANCE_KEYS = ("modality", "feature_norm", "hidden_size")
@@ -34,14 +35,7 @@ def resolve_checkpoint(path):
 def load_checkpoint(path):
     """The checkpoint's plain-value dict; it must carry the ``export`` fields (model_args, item catalog)."""
     path = resolve_checkpoint(path)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise artifact.ArtifactError(f"{path}: checkpoint not found") from None
-    except Exception as err:
-        raise artifact.ArtifactError(f"{path}: cannot load as a checkpoint ({type(err).__name__})") from err
-    if not isinstance(state, dict) or "state_dict" not in state:
-        raise artifact.ArtifactError(f"{path}: not a recbole_fmrl training checkpoint")
+    state = checkpoint.load(path)  # one line for a missing, damaged or foreign file
     if not state.get("export"):
         raise artifact.ArtifactError(f"{path}: the checkpoint has no export fields (saved by an older "
                                      f"recbole_fmrl or a model without model_args); retrain to export it")

@@ -20,6 +20,7 @@ import numpy as np
 import yaml
 
 from recbole_fmrl.paths import properties_dir
+from recbole_fmrl.train.schema import PATH_KEYS  # keys resolved against the launch folder
 
 SEARCHES = ("grid", "random")
 SCHEDULERS = ("fifo", "asha")
@@ -30,8 +31,6 @@ DISTRIBUTIONS = ("grid", "choice", "range", "uniform", "quniform", "loguniform",
 TRIAL_KEYS = ("fmrl_output_dir", "checkpoint_dir", "gpu_id", "use_gpu", "show_progress")
 NOT_SEARCHABLE = set(TRIAL_KEYS) | {"model", "dataset", "valid_metric", "valid_metric_bigger", "metrics", "eval_args",
                                     "data_path", "fmrl_cache_dir", "fmrl_feature_path", "nproc", "local_rank"}
-PATH_KEYS = ("data_path", "fmrl_cache_dir", "fmrl_feature_path", "fmrl_output_dir", "checkpoint_dir",
-             "dataset_save_path", "dataloaders_save_path")
 
 class _Loader(yaml.SafeLoader):
     """Safe YAML with RecBole's float rule: 1e-4 is a float, not a string."""
