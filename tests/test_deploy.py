@@ -187,9 +187,12 @@ def test_funnel_matches_a_brute_force_cascade(exported):
 
 
 def run_cli(main, argv, capsys):
-    """(exit status, stdout, stderr) as the command line would show them."""
+    """(exit status, stdout, stderr) as the command line would show them (through ``cli.main``)."""
+    from recbole_fmrl import cli
+
+    command = {export_main: "export", recommend_main: "recommend"}[main]
     try:
-        code = main([str(a) for a in argv])
+        code = cli.main([command, *(str(a) for a in argv)])
         message = ""
     except SystemExit as exc:  # errors: "error: ..." on stderr, status 2
         code, message = exc.code, ""
@@ -309,7 +312,8 @@ def test_command_line_error_is_one_line_with_a_failing_status(exported, tmp_path
                            "--history", "105"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.strip().splitlines() == [f"error: {tmp_path / 'size-8' / artifact.WEIGHTS}: "
-                                                f"sha256 mismatch with the manifest (damaged or modified)"]
+                                                f"sha256 mismatch with the manifest (damaged or modified) "
+                                                f"(--debug shows the traceback)"]
 
 
 def test_checkpoint_carries_what_export_needs(exported):

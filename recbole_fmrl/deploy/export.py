@@ -125,8 +125,12 @@ def size_metrics(state, metrics, size):
     return None if row is None else {k: row[k] for k in ("valid", "test") if k in row}
 
 
-def export_sizes(checkpoint_path, sizes, output_dir, *, feature_dir=None, metrics=None, onnx=False, log=None):
-    """Write ``<output_dir>/size-<m>/`` for every m in ``sizes``; returns {m: folder}."""
+def export_sizes(checkpoint_path, sizes, output_dir, *, feature_dir=None, metrics=None, onnx=False, log=None,
+                 force=False):
+    """Write ``<output_dir>/size-<m>/`` for every m in ``sizes``; returns {m: folder}.
+
+    Every target is checked before any work: missing, or an artifact to replace with ``force``
+    (``artifact.check_target``); anything else is refused naming the path."""
     checkpoint_path = resolve_checkpoint(checkpoint_path)
     state = load_checkpoint(checkpoint_path)
     info = state["export"]
@@ -134,21 +138,23 @@ def export_sizes(checkpoint_path, sizes, output_dir, *, feature_dir=None, metric
     bad = [m for m in sizes if m not in nested]
     if bad or not sizes:
         raise artifact.ArtifactError(f"sizes {bad or sizes}: the checkpoint's nested sizes are {nested}")
+    for size in sizes:
+        artifact.check_target(Path(output_dir) / f"size-{size}", force)
     table = full_item_table(state, feature_dir)
     source = {"path": str(Path(checkpoint_path).resolve()), "sha256": artifact.sha256_file(checkpoint_path),
               "epoch": state.get("epoch")}
     written = {}
     for size in sorted(set(int(m) for m in sizes)):
-        written[size] = write_size(state, table, size, Path(output_dir) / f"size-{size}", source, metrics, onnx)
+        written[size] = write_size(state, table, size, Path(output_dir) / f"size-{size}", source, metrics, onnx, force)
         if log:
             log(f"exported size {size} -> {written[size]}")
     return written
 
 
-def write_size(state, table, size, folder, source, metrics, onnx):
+def write_size(state, table, size, folder, source, metrics, onnx, force=False):
     info = state["export"]
     args, weights, count = size_weights(state, table, size)
-    with artifact.staging(folder) as tmp:
+    with artifact.staging(folder, force) as tmp:
         torch.save({"model_args": args, "state_dict": weights}, tmp / artifact.WEIGHTS)
         items = {"item_ids": info["item_tokens"], "titles": info.get("item_titles")}
         (tmp / artifact.ITEMS).write_text(json.dumps(items, ensure_ascii=False) + "\n", encoding="utf-8")
