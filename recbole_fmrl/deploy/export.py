@@ -1,7 +1,7 @@
 """Training checkpoint -> one artifact folder per size (see ``artifact.py`` for the format).
 
-Reads only the checkpoint (``torch.load(weights_only=True)``) and, for feature-based models, the
-frozen feature files it names (refused when their sha256 changed since training): no RecBole
+Reads only the checkpoint (``torch.load(weights_only=True)``, its payload sha256 verified) and, for
+feature-based models, the frozen feature files it names (refused when their sha256 changed since training): no RecBole
 Dataset, no Config. Each size-m artifact keeps the first-m slices of every nested weight (stored
 pre-masked), the projected size-m item table, the raw item ids and titles.
 """
@@ -15,6 +15,7 @@ from torch.nn import functional as F
 from recbole_fmrl.deploy import artifact
 from recbole_fmrl.deploy.runtime import ServingNet
 from recbole_fmrl.model.nested import staircase_mask
+from recbole_fmrl.train import checkpoint
 
 SERVING_KEYS = ("n_items", "n_layers", "ffn_ratio", "state_ratio", "layer_norm_eps", "max_seq_length")
 PROVENANCE_KEYS = ("modality", "feature_norm", "hidden_size")
@@ -34,14 +35,7 @@ def resolve_checkpoint(path):
 def load_checkpoint(path):
     """The checkpoint's plain-value dict; it must carry the ``export`` fields (model_args, item catalog)."""
     path = resolve_checkpoint(path)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise artifact.ArtifactError(f"{path}: checkpoint not found") from None
-    except Exception as err:
-        raise artifact.ArtifactError(f"{path}: cannot load as a checkpoint ({type(err).__name__})") from err
-    if not isinstance(state, dict) or "state_dict" not in state:
-        raise artifact.ArtifactError(f"{path}: not a recbole_fmrl training checkpoint")
+    state = checkpoint.load(path)  # one line for a missing, damaged or foreign file
     if not state.get("export"):
         raise artifact.ArtifactError(f"{path}: the checkpoint has no export fields (saved by an older "
                                      f"recbole_fmrl or a model without model_args); retrain to export it")
@@ -131,8 +125,12 @@ def size_metrics(state, metrics, size):
     return None if row is None else {k: row[k] for k in ("valid", "test") if k in row}
 
 
-def export_sizes(checkpoint_path, sizes, output_dir, *, feature_dir=None, metrics=None, onnx=False, log=None):
-    """Write ``<output_dir>/size-<m>/`` for every m in ``sizes``; returns {m: folder}."""
+def export_sizes(checkpoint_path, sizes, output_dir, *, feature_dir=None, metrics=None, onnx=False, log=None,
+                 force=False):
+    """Write ``<output_dir>/size-<m>/`` for every m in ``sizes``; returns {m: folder}.
+
+    Every target is checked before any work: missing, or an artifact to replace with ``force``
+    (``artifact.check_target``); anything else is refused naming the path."""
     checkpoint_path = resolve_checkpoint(checkpoint_path)
     state = load_checkpoint(checkpoint_path)
     info = state["export"]
@@ -140,21 +138,23 @@ def export_sizes(checkpoint_path, sizes, output_dir, *, feature_dir=None, metric
     bad = [m for m in sizes if m not in nested]
     if bad or not sizes:
         raise artifact.ArtifactError(f"sizes {bad or sizes}: the checkpoint's nested sizes are {nested}")
+    for size in sizes:
+        artifact.check_target(Path(output_dir) / f"size-{size}", force)
     table = full_item_table(state, feature_dir)
     source = {"path": str(Path(checkpoint_path).resolve()), "sha256": artifact.sha256_file(checkpoint_path),
               "epoch": state.get("epoch")}
     written = {}
     for size in sorted(set(int(m) for m in sizes)):
-        written[size] = write_size(state, table, size, Path(output_dir) / f"size-{size}", source, metrics, onnx)
+        written[size] = write_size(state, table, size, Path(output_dir) / f"size-{size}", source, metrics, onnx, force)
         if log:
             log(f"exported size {size} -> {written[size]}")
     return written
 
 
-def write_size(state, table, size, folder, source, metrics, onnx):
+def write_size(state, table, size, folder, source, metrics, onnx, force=False):
     info = state["export"]
     args, weights, count = size_weights(state, table, size)
-    with artifact.staging(folder) as tmp:
+    with artifact.staging(folder, force) as tmp:
         torch.save({"model_args": args, "state_dict": weights}, tmp / artifact.WEIGHTS)
         items = {"item_ids": info["item_tokens"], "titles": info.get("item_titles")}
         (tmp / artifact.ITEMS).write_text(json.dumps(items, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -19,13 +19,13 @@ from torch import nn
 from torch.nn import functional as F
 
 from recbole_fmrl.data.modality import has_id_table, modality_parts
-from recbole_fmrl.model.distill import distill_rows, distill_weight, nested_distillation
+from recbole_fmrl.model.distill import nested_distillation
 from recbole_fmrl.model.fusion import FeatureFusion, IdEmbedding
 from recbole_fmrl.model.labels import labelled_states
 from recbole_fmrl.model.loss import matryoshka_logits
 from recbole_fmrl.model.lru import LRULayer, Packing
 from recbole_fmrl.model.nested import NestedLayerNorm, NestedLinear, check_sizes, default_sizes
-from recbole_fmrl.model.sampled_loss import nested_softmax_loss, train_negatives
+from recbole_fmrl.model.sampled_loss import nested_softmax_loss
 
 
 class FMRLBlock(nn.Module):
@@ -68,8 +68,8 @@ class FMRLRec(SequentialRecommender):
         self.modality = dataset.fmrl_modality if hasattr(dataset, "fmrl_modality") else config["fmrl_modality"]
         self.loss_chunk_size = config["fmrl_loss_chunk_size"]
         self.native_loss = config["fmrl_native_loss"]
-        self.train_negatives = train_negatives(config)
-        self.distill_weight, self.distill_rows = distill_weight(config), distill_rows(config)
+        self.train_negatives = config["fmrl_train_negatives"]  # keys checked by train/schema.py
+        self.distill_weight, self.distill_rows = float(config["fmrl_distill_weight"]), config["fmrl_distill_rows"]
         self.target_list_field = getattr(dataset, "target_list_field", None)
         self._build_args = (config, dataset)  # to build sub-models of smaller sizes
         self._table_cache = None
