@@ -38,7 +38,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from recbole_fmrl.model.labels import labelled_states
-from recbole_fmrl.model.sampled_loss import nested_softmax_loss, train_negatives
+from recbole_fmrl.model.sampled_loss import nested_softmax_loss
 
 MODALITIES = ("text_id", "text")  # transductive (text + ID, the default) and inductive (text only)
 
@@ -90,7 +90,7 @@ class UniSRec(SequentialRecommender):
         self.initializer_range = config["initializer_range"]
         self.loss_chunk_size = config["fmrl_loss_chunk_size"]
         self.native_loss = config["fmrl_native_loss"]
-        self.train_negatives = train_negatives(config)
+        self.train_negatives = config["fmrl_train_negatives"]  # checked by train/schema.py
         self.target_list_field = getattr(dataset, "target_list_field", None)
         self.modality = getattr(dataset, "fmrl_modality", config["fmrl_modality"])
         if self.modality not in MODALITIES:
