@@ -196,7 +196,7 @@ def test_failing_trial_does_not_stop_the_search(search):
     job, summary, _ = search
     failed = [r for r in summary["rows"] if r["status"] == "ERROR"]
     assert len(failed) == 1 and failed[0]["learning_rate"] == -1.0
-    assert "learning rate" in failed[0]["error"].lower()
+    assert "learning_rate=-1.0" in failed[0]["error"] and "need a number > 0" in failed[0]["error"]
     assert failed[0]["rank"] == 3  # errors sort last
     md = open(summary["results_md"]).read()
     assert "error:" in md and "valid ndcg@10" in md
