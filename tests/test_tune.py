@@ -159,7 +159,7 @@ def test_recbole_gpu_id_cannot_override_ray_gpu(tiny_root, tmp_path, monkeypatch
 def ray_session():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
