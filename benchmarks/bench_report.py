@@ -116,6 +116,8 @@ def fmt_params(n):
     return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.0f}k"
 
 
+# models whose training signal fmrl_train_objective chooses (RecBole's own train on prefix samples)
+PLUGIN_OBJECTIVES = ("FMRLRec", "LRURec", "FMLPRec", "SASRecAP", "BSARec", "UniSRec")
 FEATURE_NORMS = {"whiten": "whitened", "center": "centred", "standardize": "standardized", "none": "raw"}
 
 
@@ -139,7 +141,13 @@ def settings_text(run):
             parts.append(f"distilled from size d x{r['fmrl_distill_weight']}{rows}")
         if r.get("fmrl_modality") != "id":  # runs before the key existed used the raw features
             parts.append(f"{FEATURE_NORMS.get(r.get('fmrl_feature_norm'), 'raw')} features")
-    objective = r.get("fmrl_train_objective") if run["model"] in ("FMRLRec", "LRURec", "FMLPRec", "SASRecAP") else None
+    if run["model"] == "BSARec" and r.get("bsarec_alpha") is not None:
+        parts.append(f"alpha {r['bsarec_alpha']}, c {r.get('bsarec_c')}")
+    if run["model"] == "UniSRec":
+        items = "text + ID" if r.get("fmrl_modality") == "text_id" else "text"
+        parts.append(f"{items}, {r.get('unisrec_n_exps')} experts, tau {r.get('unisrec_temperature')}, "
+                     f"{FEATURE_NORMS.get(r.get('fmrl_feature_norm'), 'raw')} features")
+    objective = r.get("fmrl_train_objective") if run["model"] in PLUGIN_OBJECTIVES else None
     parts.append("all-pos windows" if objective == "all_positions" else "prefix samples")
     negatives = r.get("fmrl_train_negatives", cfg.get("fmrl_train_negatives"))
     if negatives:

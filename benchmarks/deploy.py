@@ -484,7 +484,7 @@ def main(argv=None):
     out_dir = Path(args.artifacts or ROOT / "runs" / "deploy" / f"{info['dataset']}-{checkpoint.stem}")
     log(f"export {checkpoint} sizes {sizes} -> {out_dir}")
     start = time.perf_counter()
-    folders = export_sizes(checkpoint, sizes, out_dir)
+    folders = export_sizes(checkpoint, sizes, out_dir, force=True)  # its own work folder
     export_seconds = time.perf_counter() - start
     recs = {m: Recommender.load(f) for m, f in folders.items()}
     log("rebuilding the test split (RecBole)")

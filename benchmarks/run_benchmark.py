@@ -55,7 +55,8 @@ SCHEMA = 1
 KEY_IGNORE = {"show_progress", "state", "fmrl_output_dir", "checkpoint_dir", "fmrl_cache_dir", "eval_batch_size", "worker"}
 MODEL_GROUPS = {
     "recbole": ["SASRec", "BERT4Rec", "GRU4Rec", "LightSANs", "FEARec"],
-    "baselines": ["SASRec", "SASRec-allpos", "SASRec-allpos-2blk", "BERT4Rec", "GRU4Rec", "LightSANs", "FEARec", "FMLPRec", "LRURec"],
+    "baselines": ["SASRec", "SASRec-allpos", "SASRec-allpos-2blk", "BERT4Rec", "GRU4Rec", "LightSANs", "FEARec", "FMLPRec", "LRURec",
+                  "BSARec", "UniSRec"],
     "fmrlrec": ["FMRLRec-text_image", "FMRLRec-text", "FMRLRec-text_id", "FMRLRec-text_id-drop0.5", "FMRLRec-image", "FMRLRec-id"],
 }
 SINGLE = "-single-"  # generated rows <row>-single-<m>: one single-size model per nested size of <row>
@@ -190,17 +191,20 @@ def _manifest_files(meta):
     return files if isinstance(files, dict) and files else None
 
 
+FEATURE_MODELS = {"FMRLRec": "auto", "UniSRec": "text_id"}  # models reading feature files -> their YAML's fmrl_modality
+
+
 def unavailable_reason(settings, row, model, config, data_path, dataset):
     """Why a row cannot run on this dataset (None when it can)."""
     explicit = _matching(settings["dataset"].get("unavailable"), settings["rows"][row].get("single_of", row))
     if explicit:
         return explicit[0]
-    if model != "FMRLRec":
+    if model not in FEATURE_MODELS:
         return None
     from recbole_fmrl.data import features as feature_files
     from recbole_fmrl.data.modality import modality_parts
 
-    modality = config.get("fmrl_modality") or "auto"
+    modality = config.get("fmrl_modality") or FEATURE_MODELS[model]
     if modality == "auto":
         return None  # the dataset picks whatever features exist
     folder = Path(config.get("fmrl_feature_path") or Path(data_path) / dataset)
@@ -383,7 +387,8 @@ RESOLVED_KEYS = {"hidden_size", "n_layers", "inner_size", "embedding_size", "num
                  "learning_rate", "learner", "weight_decay", "train_batch_size", "fmrl_lr_warmup_steps", "fmrl_lr_decay_epochs",
                  "fmrl_modality", "fmrl_sizes", "fmrl_train_objective", "fmrl_ring_r_min", "fmrl_ring_r_max",
                  "fmrl_ffn_ratio", "fmlp_filter", "MAX_ITEM_LIST_LENGTH", "epochs", "stopping_step", "n_heads",
-                 "mask_ratio", "k_interests", "fmrl_lru_state_ratio", "device", "fmrl_feature_norm", "fmrl_size_weights"}
+                 "mask_ratio", "k_interests", "fmrl_lru_state_ratio", "device", "fmrl_feature_norm", "fmrl_size_weights",
+                 "bsarec_alpha", "bsarec_c", "unisrec_n_exps", "unisrec_temperature", "fmrl_eval_mask_history"}
 
 
 def peak_rss_mb():

@@ -101,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--images", type=Path, default=None, help="photos folder (files named by item2img_dict.pkl)")
     p.add_argument("--p5-numeric-ids", action="store_true", help="write P5's numeric ids instead of asins")
+    p.add_argument("--keyphrases", type=Path, default=None,
+                   help="TSV (p5_item_id, asin, keyphrase) whose keyphrase is the item text instead of meta.json.gz: "
+                        "DERIVED text (a few words another system generated from the item), not real titles; "
+                        "e.g. ../shared/data/amazon-toys/keyphrases.tsv")
     m = sub.add_parser("movielens", help="MovieLens 100k or 1M, optional posters and overviews")
     _common(m)
     m.add_argument("--posters", type=Path, default=None, help="posters folder (default INPUT/posters if present)")
@@ -126,7 +130,8 @@ def _read(args, report: Report, progress: bool):
         return read_amazon(AmazonOptions(reviews, meta, args.images), report, progress)
     if args.format == "p5":
         return read_p5(P5Options(args.input, args.images, raw_ids=not args.p5_numeric_ids,
-                                 require_meta=args.text_encoder.lower() != "none"), report, progress)
+                                 require_meta=args.text_encoder.lower() != "none", keyphrases=args.keyphrases),
+                       report, progress)
     return read_movielens(MovieLensOptions(args.input, args.posters, args.overviews, use_posters=not args.no_posters,
                                            use_overviews=not args.no_overviews), report, progress)
 

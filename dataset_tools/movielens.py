@@ -1,4 +1,5 @@
-"""MovieLens 100k (``u.data``/``u.item``/``u.genre``) and 1M (``ratings.dat``/``movies.dat``).
+"""MovieLens 100k (``u.data``/``u.item``/``u.genre``) and 1M (``ratings.dat``/``movies.dat``, or
+``sequences.txt`` with ``items.tsv``: the ml-1m-posters layout, see ``_read_1m_sequences``).
 
 Optional extras: a posters folder (``<movie_id>.jpg``; default ``<input>/posters``) and an
 overview CSV with ``movie_id`` and ``overview`` columns (default ``<input>/items_tmdb.csv``).
@@ -14,7 +15,8 @@ from typing import Dict, Optional, Tuple
 
 from dataset_tools import text as text_mod
 from dataset_tools.images import find_image
-from dataset_tools.report import Report
+from dataset_tools.input_files import iter_lines
+from dataset_tools.report import InputFileError, Report
 from dataset_tools.source import Item, SourceData, clean_text
 
 # u.genre of 100k, used when the file is missing.
@@ -139,6 +141,10 @@ def _read_1m(folder: Path, data: SourceData, report: Report):
                 report.problem("malformed rating line", ratings, lineno, line.strip()[:80])
                 continue
             data.add(*rating, f"{ratings}:{lineno}")
+    _read_movies_dat(movies, data, report)
+
+
+def _read_movies_dat(movies: Path, data: SourceData, report: Report):
     with open(movies, encoding="latin-1") as fh:
         for lineno, line in enumerate(fh, start=1):
             line = line.rstrip("\r\n")
@@ -158,6 +164,72 @@ def _read_1m(folder: Path, data: SourceData, report: Report):
             if names:
                 item.fields["genres"] = names
             data.item_info[mid] = item
+
+
+ITEMS_TSV_COLUMNS = ("movie_id", "title", "genres")  # required; dbpedia_abstract and poster_is_placeholder optional
+
+
+def _read_1m_sequences(folder: Path, data: SourceData, report: Report):
+    """``sequences.txt``: ``user movie movie ...`` per user in time order, no timestamps (the position is
+    the time, as for P5 files); items from ``items.tsv`` (title, genres, DBpedia abstract, placeholder
+    posters flagged) when present, else ``movies.dat``."""
+    sequences = folder / "sequences.txt"
+    data.input_files.append(sequences)
+    seen = set()
+    for lineno, line, bad_utf8 in iter_lines(sequences, f"reading {sequences.name}", progress=False):
+        parts = line.split()
+        if not parts:
+            continue
+        if bad_utf8 or len(parts) < 2 or not all(p.isdigit() for p in parts):
+            report.problem("malformed sequence line", sequences, lineno, bad_utf8 or line[:80])
+            continue
+        if parts[0] in seen:
+            report.problem("user listed twice (later line skipped)", sequences, lineno, f"user {parts[0]}")
+            continue
+        seen.add(parts[0])
+        for position, movie in enumerate(parts[1:]):
+            data.add(parts[0], movie, float(position), f"{sequences}:{lineno}")
+    items = folder / "items.tsv"
+    if items.is_file():
+        _read_items_tsv(items, data, report)
+    else:
+        data.input_files.append(folder / "movies.dat")
+        _read_movies_dat(folder / "movies.dat", data, report)
+
+
+def _read_items_tsv(path: Path, data: SourceData, report: Report):
+    """Movies from ``items.tsv``; ``data.placeholders`` collects those whose poster only shows the title."""
+    data.input_files.append(path)
+    header = None
+    for lineno, line, bad_utf8 in iter_lines(path, f"reading {path.name}", progress=False):
+        cells = line.split("\t")
+        if header is None:
+            header = {name.strip(): i for i, name in enumerate(cells)}
+            missing = [c for c in ITEMS_TSV_COLUMNS if c not in header]
+            if missing:
+                raise InputFileError(f"{path}:1: items.tsv needs columns {', '.join(ITEMS_TSV_COLUMNS)} "
+                                     f"(tab-separated); missing {', '.join(missing)}")
+            continue
+        if not line.strip():
+            continue
+        mid = cells[header["movie_id"]].strip() if len(cells) == len(header) else ""
+        if bad_utf8 or not mid.isdigit():
+            report.problem("malformed movie line", path, lineno, bad_utf8 or line[:80])
+            continue
+        if mid in data.item_info:
+            report.problem("movie listed twice (later line skipped)", path, lineno, f"movie {mid}")
+            continue
+        item = Item(origin=f"{path}:{lineno}")
+        _title_fields(item, cells[header["title"]], path, lineno)
+        names = [g for g in cells[header["genres"]].split("|") if g.strip() and g != "(no genres listed)"]
+        if names:
+            item.fields["genres"] = names
+        abstract = cells[header["dbpedia_abstract"]].strip() if "dbpedia_abstract" in header else ""
+        if abstract:
+            item.fields["abstract"] = clean_text(abstract, item.findings, path, lineno, "abstract")
+        if "poster_is_placeholder" in header and cells[header["poster_is_placeholder"]].strip() == "1":
+            data.details.setdefault("placeholder_posters", []).append(mid)
+        data.item_info[mid] = item
 
 
 def read_overviews(path: Path, data: SourceData, report: Report):
@@ -211,23 +283,37 @@ def read_movielens(options: MovieLensOptions, report: Report, progress: bool = T
 
     data = SourceData(kind="movielens", input_files=[], has_images=posters is not None,
                       default_fields=[f for f in text_mod.MOVIELENS_FIELDS if f != "overview" or overviews])
+    timestamps = "rating unix time; ties in file order"
     if (folder / "u.data").is_file() and (folder / "u.item").is_file():
         _read_100k(folder, data, report)
         variant = "100k"
     elif (folder / "ratings.dat").is_file() and (folder / "movies.dat").is_file():
         _read_1m(folder, data, report)
         variant = "1m"
+    elif (folder / "sequences.txt").is_file() and ((folder / "items.tsv").is_file() or (folder / "movies.dat").is_file()):
+        _read_1m_sequences(folder, data, report)
+        variant, timestamps = "1m (sequences)", "position in sequences.txt (no timestamps in the file)"
+        if (folder / "items.tsv").is_file():
+            data.default_fields = [f for f in data.default_fields if f != "overview"] + ["abstract"]
     else:
-        raise FileNotFoundError(f"{folder}: neither u.data + u.item (MovieLens 100k) nor ratings.dat + "
-                                f"movies.dat (MovieLens 1M)")
+        raise FileNotFoundError(f"{folder}: neither u.data + u.item (MovieLens 100k), ratings.dat + movies.dat "
+                                f"(MovieLens 1M) nor sequences.txt + items.tsv or movies.dat (MovieLens 1M in time order)")
     if overviews is not None:
         data.input_files.append(overviews)
         read_overviews(overviews, data, report)
     if posters is not None:
-        for mid, item in data.item_info.items():
-            item.image = find_image(posters, [mid]) or posters / f"{mid}.jpg"
-            item.image_origin = item.origin
-    data.details = {"variant": variant, "posters": str(posters) if posters else None,
-                    "overviews": str(overviews) if overviews else None,
-                    "timestamps": "rating unix time; ties in file order"}
+        attach_posters(posters, data)
+    data.details.update({"variant": variant, "posters": str(posters) if posters else None,
+                         "overviews": str(overviews) if overviews else None, "timestamps": timestamps})
     return data
+
+
+def attach_posters(posters: Path, data: SourceData):
+    """``<posters>/<movie id>.<ext>`` per movie; a placeholder poster (only the title on it) counts as none."""
+    placeholders = set(data.details.get("placeholder_posters", ()))
+    for mid, item in data.item_info.items():
+        if mid in placeholders:
+            item.image, item.image_origin = None, f"{item.origin} (placeholder poster, only the title: not used)"
+            continue
+        item.image = find_image(posters, [mid]) or posters / f"{mid}.jpg"
+        item.image_origin = item.origin

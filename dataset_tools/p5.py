@@ -5,7 +5,10 @@
 the position is the time). ``datamaps.json``: ``id2user``/``id2item`` (numeric id -> reviewer id /
 asin). ``meta.json.gz``: Amazon 2014 metadata lines (optional when no text is wanted: the dataset is
 then ID-only). Optional ``item2img_dict.pkl`` (asin -> image path; only the file name is used, as
-VIP5 does) with a photos folder.
+VIP5 does) with a photos folder. ``keyphrases`` (``--keyphrases``): a TSV ``p5_item_id, asin,
+keyphrase`` whose derived keyphrase (a few words generated from the item's text by another system,
+e.g. IDGenRec's; not the real title) is the item text instead of meta.json.gz, for sets such as Toys
+whose metadata is not available.
 Tokens written to RecBole are the original reviewer ids and asins, so the same item has the same
 token whether it came from P5 files or from the raw dump.
 """
@@ -29,6 +32,7 @@ class P5Options:
     images: Optional[Path] = None  # photos folder; item2img_dict.pkl (if present) names each item's file
     raw_ids: bool = True  # tokens are reviewer ids / asins from datamaps.json; False: P5's numeric ids
     require_meta: bool = True  # False: without meta.json.gz the dataset is ID-only (no item text)
+    keyphrases: Optional[Path] = None  # TSV p5_item_id, asin, keyphrase: derived text instead of meta.json.gz
 
 
 class _DictOfStrings(pickle.Unpickler):
@@ -137,24 +141,77 @@ def attach_items(options: P5Options, id2item, by_asin, maps_path: Path, data: So
         data.item_info[asin if options.raw_ids else iid] = item
 
 
+KEYPHRASE_COLUMNS = ("asin", "keyphrase")  # required header names; p5_item_id, when present, is checked
+
+
+def read_keyphrases(path: Path, id2item, report: Report, progress: bool) -> Dict[str, Item]:
+    """asin -> Item with one text field ``keyphrase``, from a TSV with a header naming its columns.
+
+    A row whose asin is not in datamaps.json, whose p5_item_id names another asin, or whose asin came
+    before, is counted and skipped; an empty keyphrase leaves the item without text (``--missing-text``).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: keyphrase file not found")
+    asins = set(id2item.values())
+    items, header = {}, None
+    for lineno, line, bad_utf8 in iter_lines(path, f"reading {path.name}", progress):
+        cells = line.split("\t")
+        if header is None:
+            header = {name.strip(): i for i, name in enumerate(cells)}
+            missing = [c for c in KEYPHRASE_COLUMNS if c not in header]
+            if missing:
+                raise InputFileError(f"{path}:1: keyphrase header needs columns {', '.join(KEYPHRASE_COLUMNS)} "
+                                     f"(tab-separated); missing {', '.join(missing)}")
+            continue
+        if not line.strip():
+            continue
+        if bad_utf8 or len(cells) < len(header):
+            report.problem("malformed keyphrase line", path, lineno, bad_utf8 or line[:80])
+            continue
+        asin, phrase = cells[header["asin"]].strip(), cells[header["keyphrase"]].strip()
+        pid = cells[header["p5_item_id"]].strip() if "p5_item_id" in header else None
+        if asin not in asins:
+            report.problem("keyphrase for an asin not in datamaps", path, lineno, asin)
+        elif pid is not None and id2item.get(pid) != asin:
+            report.problem("p5_item_id and asin disagree with datamaps", path, lineno, f"{pid} {asin}")
+        elif asin in items:
+            report.problem("asin listed twice (later line skipped)", path, lineno, asin)
+        else:
+            items[asin] = Item(origin=f"{path}:{lineno}", fields={"keyphrase": phrase} if phrase else {})
+    return items
+
+
 def read_p5(options: P5Options, report: Report, progress: bool = True) -> SourceData:
     folder = Path(options.input)
-    seq_path, maps_path, meta_path = find_layout(folder, options.require_meta)
+    keyphrases = Path(options.keyphrases) if options.keyphrases else None
+    seq_path, maps_path, meta_path = find_layout(folder, options.require_meta and keyphrases is None)
     images = Path(options.images) if options.images else None
     if images is not None and not images.is_dir():
         raise FileNotFoundError(f"{images}: image folder not found")
     id2item, id2user = read_maps(maps_path, options.raw_ids)
-    data = SourceData(kind="p5", input_files=[seq_path, maps_path] + ([meta_path] if meta_path else []),
-                      default_fields=list(text_mod.AMAZON_FIELDS), has_images=images is not None,
-                      has_text=meta_path is not None)
+    if keyphrases is not None:
+        if meta_path is not None:
+            report.note(f"{meta_path}: not read; the item text is the derived keyphrases of {keyphrases}")
+        meta_path = None
+    text_file = keyphrases or meta_path
+    data = SourceData(kind="p5", input_files=[seq_path, maps_path] + ([text_file] if text_file else []),
+                      default_fields=["keyphrase"] if keyphrases else list(text_mod.AMAZON_FIELDS),
+                      has_images=images is not None, has_text=text_file is not None)
     read_sequences(seq_path, id2item, id2user, options.raw_ids, data, report, progress)
-    by_asin = read_meta(meta_path, set(id2item.values()), report, None, progress) if meta_path else None
-    if meta_path is None:
+    if keyphrases is not None:
+        by_asin = read_keyphrases(keyphrases, id2item, report, progress)
+        report.note(f"item text: derived keyphrases from {keyphrases.name} (generated words, not real titles)")
+    else:
+        by_asin = read_meta(meta_path, set(id2item.values()), report, None, progress) if meta_path else None
+    if text_file is None:
         report.note(f"{folder}: no meta.json.gz, an ID-only dataset (no item text)")
     attach_items(options, id2item, by_asin, maps_path, data)
     data.details = {"layout": "P5/VIP5" if seq_path.name == SEQUENCE_FILES[0] else "RDRec (sequential.txt)",
                     "images": str(images) if images else None,
                     "meta": str(meta_path) if meta_path else None,
+                    "text": (f"derived keyphrases ({keyphrases}), not real titles" if keyphrases else
+                             "Amazon metadata" if meta_path else None),
                     "ids": "reviewer ids and asins from datamaps.json" if options.raw_ids else "P5 numeric ids",
                     "timestamps": f"position in {seq_path.name} (no timestamps in the P5 files)"}
     return data

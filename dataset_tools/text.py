@@ -21,6 +21,8 @@ LABELS = {
     "class": "Genres",
     "overview": "Overview",
     "description": "Description",
+    "abstract": "Abstract",  # ml-1m-posters: the movie's DBpedia abstract
+    "keyphrase": "Keyphrase",  # P5 --keyphrases: derived words, not a title
 }
 
 AMAZON_FIELDS = ["title", "price", "brand", "categories"]

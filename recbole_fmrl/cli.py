@@ -6,11 +6,14 @@
     recbole-fmrl export --checkpoint runs/saved/FMRLRec-....pth --sizes 16 64 --output artifacts
     recbole-fmrl recommend --artifact artifacts/size-64 --history 50 172 --topk 10
 
-``python run_recbole_fmrl.py ...`` is the same command. Errors in the input (files, columns, keys)
-end in one line naming what is wrong; ``--debug`` shows the traceback instead.
+``python run_recbole_fmrl.py ...`` is the same command. Errors in the input (files, columns, keys:
+an ``InputError``) and of the machine (a missing file, a full disk, a read-only folder: an ``OSError``)
+end in one line naming what is wrong, exit status 2; ``--debug`` (any subcommand) shows the traceback
+instead. Anything else is a bug: its traceback is shown, then a one-line summary, exit status 1.
 """
 import argparse
 import sys
+import traceback
 import warnings
 from typing import Optional
 
@@ -27,7 +30,8 @@ def parse_overrides(items) -> dict:
     for item in items:
         key, sep, value = item.lstrip("-").partition("=")
         if not sep or not key:
-            raise SystemExit(f"unrecognised argument {item!r}: expected key=value")
+            raise InputError(f"argument {item!r}: expected key=value (e.g. hidden_size=64), or an option "
+                             f"of `recbole-fmrl --help`")
         out[key] = value
     return out
 
@@ -100,14 +104,21 @@ def main(argv: Optional[list] = None, feature_builder=None):
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"recbole\.")
     try:
         return dispatch(argv, feature_builder)
-    except InputError as err:  # validated input: the message is the one line to show
+    except (InputError, OSError) as err:  # the input or the machine: the message says what and where
         if debug:
             raise
-        print(f"error: {str(err).strip() or type(err).__name__} (--debug shows the traceback)", file=sys.stderr)
+        print(f"error: {one_line(err)} (--debug shows the traceback)", file=sys.stderr)
         raise SystemExit(InputError.exit_code) from None
-    except (ValueError, FileNotFoundError, KeyError, RuntimeError) as err:
-        if debug:
-            raise
-        message = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
-        print(f"error: {message} (--debug shows the traceback)", file=sys.stderr)
-        raise SystemExit(InputError.exit_code) from None
+    except Exception as err:  # noqa: BLE001 - a bug: keep its traceback for the report, then say so
+        traceback.print_exc()
+        print(f"error: unexpected {type(err).__name__} (a bug in recbole_fmrl or RecBole; the traceback above "
+              f"belongs in the report): {one_line(err)}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def one_line(err: BaseException) -> str:
+    """The error's message on one line; an OSError as "what: path" (its strerror and filename)."""
+    if isinstance(err, OSError) and err.strerror and err.filename is not None:
+        return f"{err.strerror}: {err.filename}"
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    return " ".join(lines) if lines else type(err).__name__

@@ -7,7 +7,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = {  # recbole_fmrl sub-package or module -> layer; an import may only go to a lower or equal layer
-    "paths": 0, "environment": 0, "atomic_write": 0, "errors": 0, "settings": 0,
+    "paths": 0, "environment": 0, "atomic_write": 0, "errors": 0,
     "data": 1, "model": 2, "train": 3, "tune": 4, "deploy": 4, "cli": 5,
 }
 # dataset_tools may read and write the plugin's feature format and ask which tables a modality reads (one home

@@ -139,7 +139,7 @@ def test_manifest_matching_its_files_is_accepted(case):
     from dataset_tools.pipeline import verify_dataset  # the converter's own reader accepts this manifest
 
     verify_dataset(case.dir, NAME)
-    from recbole_fmrl.train import validate
+    from recbole_fmrl.data import validate
     from recbole_fmrl.train.config import Config
 
     config = Config(model="FMRLRec", dataset=NAME, config_dict={"data_path": str(case.data)})

@@ -56,7 +56,7 @@ def test_fmlprec_shapes_and_loss(tiny_config, objective, filter_):
 
 
 def test_fmlprec_all_positions_needs_causal_filter(tiny_config):
-    with pytest.raises(ValueError, match="fmlp_filter=causal"):
+    with pytest.raises(ValueError, match=r"^fmlp_filter='global' .*need causal with fmrl_train_objective=all_positions"):
         build(tiny_config, "FMLPRec", fmrl_train_objective="all_positions", fmlp_filter="global")
 
 

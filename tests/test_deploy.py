@@ -9,6 +9,7 @@ from recbole_fmrl.deploy.command import export_main, recommend_main
 from recbole_fmrl.deploy.funnel import funnel_cost, funnel_topk, parse_funnel
 from recbole_fmrl.deploy.recommender import Recommender, UnknownItemError
 from recbole_fmrl.deploy.streaming import run_recurrent
+from recbole_fmrl.train import checkpoint
 from recbole_fmrl.train.driver import prepare
 from tests.conftest import write_tiny_dataset
 
@@ -36,7 +37,7 @@ def build_and_save(root, out, modality="text_image", **overrides):
         "data_path": str(root), "fmrl_output_dir": str(out / "runs"), "fmrl_cache_dir": str(out / "cache"),
         "hidden_size": 32, "fmrl_sizes": SIZES, "n_layers": 2, "fmrl_ffn_ratio": 2, "fmrl_modality": modality,
         "epochs": 1, "train_batch_size": 16, "eval_batch_size": 64, "show_progress": False, "use_gpu": False,
-        "state": "ERROR", "MAX_ITEM_LIST_LENGTH": WINDOW, "seed": 7, **overrides}
+        "state": "ERROR", "MAX_ITEM_LIST_LENGTH": WINDOW, "seed": 7, "topk": [5, 10, 20], **overrides}
     _, net, trainer, data = prepare(model="FMRLRec", dataset="tinyt", config_dict=config, log=False)
     perturb(net)
     trainer._save_checkpoint(0, verbose=False)
@@ -187,9 +188,12 @@ def test_funnel_matches_a_brute_force_cascade(exported):
 
 
 def run_cli(main, argv, capsys):
-    """(exit status, stdout, stderr) as the command line would show them."""
+    """(exit status, stdout, stderr) as the command line would show them (through ``cli.main``)."""
+    from recbole_fmrl import cli
+
+    command = {export_main: "export", recommend_main: "recommend"}[main]
     try:
-        code = main([str(a) for a in argv])
+        code = cli.main([command, *(str(a) for a in argv)])
         message = ""
     except SystemExit as exc:  # errors: "error: ..." on stderr, status 2
         code, message = exc.code, ""
@@ -267,7 +271,7 @@ def test_export_refuses_changed_features_and_unknown_sizes(exported, tmp_path):
         return
     state = torch.load(ckpt, weights_only=True)
     state["export"]["feature_sha256"] = {k: "0" * 64 for k in state["export"]["feature_sha256"]}
-    torch.save(state, tmp_path / "changed.pth")
+    checkpoint.write(tmp_path / "changed.pth", state)  # a consistent checkpoint whose features moved on
     with pytest.raises(ValueError, match="differ from the ones the model was trained on"):
         export_sizes(tmp_path / "changed.pth", [8], tmp_path / "out")
     assert not (tmp_path / "out" / "size-8").exists()
@@ -309,7 +313,8 @@ def test_command_line_error_is_one_line_with_a_failing_status(exported, tmp_path
                            "--history", "105"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.strip().splitlines() == [f"error: {tmp_path / 'size-8' / artifact.WEIGHTS}: "
-                                                f"sha256 mismatch with the manifest (damaged or modified)"]
+                                                f"sha256 mismatch with the manifest (damaged or modified) "
+                                                f"(--debug shows the traceback)"]
 
 
 def test_checkpoint_carries_what_export_needs(exported):

@@ -3,7 +3,7 @@ reference, where its gradient goes, and the model's loss with it."""
 import pytest
 import torch
 
-from recbole_fmrl.model.distill import distill_rows, distill_weight, nested_distillation
+from recbole_fmrl.model.distill import nested_distillation
 from recbole_fmrl.train.driver import prepare
 
 
@@ -67,17 +67,6 @@ def test_sizes_that_predict_alike_have_zero_divergence():
     hidden[:, 2:] = 0.0  # dims past 2 add nothing: every size scores like size 2
     torch.testing.assert_close(nested_distillation(hidden, items, [2, 4, 8]), torch.zeros(3))
     torch.testing.assert_close(nested_distillation(hidden, items, [8]), torch.zeros(1))
-
-
-@pytest.mark.parametrize("value", [-0.5, "1", True])
-def test_bad_weight_is_one_line_naming_the_key(value):
-    with pytest.raises(ValueError, match=r"^fmrl_distill_weight: need a number >= 0") as err:
-        distill_weight({"fmrl_distill_weight": value})
-    assert "\n" not in str(err.value)
-    assert distill_weight({}) == 0.0 and distill_weight({"fmrl_distill_weight": None}) == 0.0
-    with pytest.raises(ValueError, match=r"^fmrl_distill_rows: need an integer >= 0"):
-        distill_rows({"fmrl_distill_rows": -3})
-    assert distill_rows({}) == 0 and distill_rows({"fmrl_distill_rows": 128}) == 128
 
 
 def test_model_loss_adds_the_weighted_divergence(tiny_config):

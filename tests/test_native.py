@@ -120,6 +120,7 @@ def test_non_finite_inputs_take_the_torch_path(kernel, monkeypatch):
 
 def test_build_is_cached_and_atomic(kernel, tmp_path, monkeypatch):
     monkeypatch.setenv("RECBOLE_FMRL_CACHE", str(tmp_path))
+    monkeypatch.setitem(native._state, "cache_dir", None)  # no earlier run's fmrl_cache_dir in this process
     first = native.build()
     mtime = first.stat().st_mtime_ns
     assert native.build() == first and first.stat().st_mtime_ns == mtime  # reused, not rebuilt

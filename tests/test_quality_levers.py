@@ -303,7 +303,7 @@ def test_select_on_every_size_drives_early_stopping_and_the_best_checkpoint(tiny
 
 
 def test_select_on_names_the_key_for_an_unknown_rule(tiny_config):
-    with pytest.raises(InputError, match=r"^fmrl_select_on: 'median' is not one of largest, mean, geomean$"):
+    with pytest.raises(InputError, match=r"^fmrl_select_on='median' \(given as key=value\): need one of largest, mean, geomean$"):
         build(tiny_config, "FMRLRec", fmrl_select_on="median")
 
 
@@ -352,7 +352,7 @@ def test_history_masked_evaluation_equals_a_hand_ranking(tiny_config, model):
     largest = len(net.sizes) - 1 if hasattr(net, "sizes") else 0
     results = {}
     for mask in (False, True):
-        trainer.config["fmrl_eval_mask_history"] = mask
+        trainer.mask_history = mask  # read once from fmrl_eval_mask_history when the trainer is built
         results[mask] = trainer.evaluate(test, load_best_model=False)["ndcg@10"]
         assert results[mask] == pytest.approx(float(torch.cat(terms[mask, largest]).mean()), abs=1e-9)
         for k, m in enumerate(getattr(net, "sizes", [])):  # every nested size is masked alike

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from recbole_fmrl.model.sampled_loss import draw_negatives, nested_softmax_loss, sampled_matryoshka_cross_entropy, train_negatives
+from recbole_fmrl.model.sampled_loss import draw_negatives, nested_softmax_loss, sampled_matryoshka_cross_entropy
 from recbole_fmrl.train.driver import prepare, run
 
 
@@ -76,14 +76,6 @@ def test_zero_negatives_is_the_full_softmax_and_draws_are_seeded():
     torch.manual_seed(4)
     negatives = draw_negatives(5, 11, 7, "cpu")
     torch.testing.assert_close(sampled, sampled_matryoshka_cross_entropy(hidden, items, labels, [4, 8], negatives))
-
-
-@pytest.mark.parametrize("value", [-1, 2.5, "256", True])
-def test_bad_negative_count_is_one_line_naming_the_key(value):
-    with pytest.raises(ValueError, match=r"^fmrl_train_negatives: need an integer >= 0") as err:
-        train_negatives({"fmrl_train_negatives": value})
-    assert "\n" not in str(err.value)
-    assert train_negatives({}) == 0 and train_negatives({"fmrl_train_negatives": None}) == 0
 
 
 @pytest.mark.parametrize("model", ["FMRLRec", "SASRecAP"])

@@ -159,7 +159,7 @@ def test_recbole_gpu_id_cannot_override_ray_gpu(tiny_root, tmp_path, monkeypatch
 def ray_session():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
@@ -196,7 +196,7 @@ def test_failing_trial_does_not_stop_the_search(search):
     job, summary, _ = search
     failed = [r for r in summary["rows"] if r["status"] == "ERROR"]
     assert len(failed) == 1 and failed[0]["learning_rate"] == -1.0
-    assert "learning rate" in failed[0]["error"].lower()
+    assert "learning_rate=-1.0" in failed[0]["error"] and "need a number > 0" in failed[0]["error"]
     assert failed[0]["rank"] == 3  # errors sort last
     md = open(summary["results_md"]).read()
     assert "error:" in md and "valid ndcg@10" in md

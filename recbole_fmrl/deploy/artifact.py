@@ -8,9 +8,13 @@
     items.json      raw item ids in internal-id order (row 0 is padding) and titles (or null)
     model.onnx      optional: the same network for onnxruntime
 
-A folder is written under a temporary name and renamed into place, so a reader never sees a
-half-written artifact. Reading verifies the format version and every file's sha256 first; every
-problem is an ``ArtifactError`` with a one-line message naming the file.
+A folder is written under a temporary name (``.size-<m>.<host>.<pid>.<random>.tmp``) and renamed
+into place, so a reader never sees a half-written artifact; the temporary folders of killed exports
+are removed by the next export into the same place. An export never deletes or merges into a folder
+it did not write: an existing target that is not an artifact (or an artifact holding files its
+manifest does not list) is refused naming the path, and an artifact is replaced only with
+``force``. Reading verifies the format version and the sha256 of every file the manifest lists;
+every problem is an ``ArtifactError`` with a one-line message naming the file.
 
 Version 1 (before the network had one implementation) stored the table as ``item_table`` and the
 trained model's d as ``hidden_size``; ``read`` upgrades it on load.
@@ -19,11 +23,15 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 
 import torch
+
+from recbole_fmrl.errors import InputError
 
 FORMAT = "recbole_fmrl-artifact"
 FORMAT_VERSION = 2
@@ -31,10 +39,12 @@ READABLE_VERSIONS = (1, 2)
 ITEM_TABLE = "item_encoder.table"  # the projected item table [N+1 m] in model.pt's state_dict
 REEXPORT = "recbole-fmrl export --checkpoint RUN.pth --output DIR"
 MANIFEST, WEIGHTS, ITEMS, ONNX = "manifest.json", "model.pt", "items.json", "model.onnx"
+STAGING = re.compile(r"^\.(?P<target>.+?)\.(?P<host>[A-Za-z0-9-]+)\.(?P<pid>\d+)\.[^.]+\.(?P<kind>tmp|old)$")
 
 
-class ArtifactError(ValueError):
-    """An artifact folder is missing, damaged or of another format version."""
+class ArtifactError(InputError):
+    """An artifact folder is missing, damaged or of another format version, or an export target that
+    is not one."""
 
 
 def sha256_file(path):
@@ -52,22 +62,88 @@ def file_table(folder):
             for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
 
 
+def _host():
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def clean_stale(parent):
+    """Remove the staging folders of exports into ``parent`` that were killed (their process is gone).
+
+    A ``.tmp`` folder is a half-written artifact: removed. An ``.old`` folder holds an artifact that a
+    replacement (``force``) moved aside and was killed before putting the new one in place: it goes back
+    when its target is missing, else it is removed. Folders of other machines are left alone.
+    """
+    parent = Path(parent)
+    for entry in sorted(parent.iterdir()) if parent.is_dir() else []:
+        match = STAGING.match(entry.name)
+        if not match or not entry.is_dir() or match["host"] != _host() or _alive(int(match["pid"])):
+            continue
+        target = parent / match["target"]
+        if match["kind"] == "old" and (entry / "artifact").is_dir() and not target.exists():
+            os.replace(entry / "artifact", target)
+        shutil.rmtree(entry, ignore_errors=True)
+
+
+def is_artifact(folder) -> bool:
+    """A folder holding exactly an artifact: a readable manifest of this format and the files it lists."""
+    folder = Path(folder)
+    try:
+        manifest = read_manifest(folder)
+    except ArtifactError:
+        return False
+    listed = set(manifest.get("files", {})) | {MANIFEST}
+    return all(p.is_file() and p.name in listed for p in folder.iterdir())
+
+
+def check_target(target, force=False):
+    """Refuse to write ``target`` over anything but an artifact, and over one without ``force``."""
+    target = Path(target)
+    if not target.exists() and not target.is_symlink():
+        return
+    if target.is_dir() and not target.is_symlink() and is_artifact(target):
+        if force:
+            return
+        raise ArtifactError(f"{target}: an artifact exists here; pass --force (export_sizes(..., force=True)) "
+                            f"to replace it, or choose another --output")
+    extra = sorted(p.name for p in target.iterdir())[:3] if target.is_dir() and not target.is_symlink() else []
+    holds = f" (holds {', '.join(extra)})" if extra else ""
+    raise ArtifactError(f"{target}: exists and is not an artifact{holds}; export never deletes or merges into a "
+                        f"folder it did not write: move it away or choose another --output")
+
+
 @contextlib.contextmanager
-def staging(target):
-    """Yield a temporary folder next to ``target``; on success it replaces ``target`` atomically."""
+def staging(target, force=False):
+    """Yield a temporary folder next to ``target``; on success it becomes ``target`` atomically.
+
+    ``target`` may only be missing, or an artifact with ``force`` (``check_target``, before and after
+    the work); stale staging folders of killed exports are cleaned first."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    clean_stale(target.parent)
+    check_target(target, force)
+    stamp = f".{target.name}.{_host()}.{os.getpid()}."
+    tmp = Path(tempfile.mkdtemp(prefix=stamp, suffix=".tmp", dir=target.parent))
     try:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes a private folder; an artifact is an ordinary one
         yield tmp
+        check_target(target, force)  # nothing else appeared there meanwhile
         old = None
         if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+            old = Path(tempfile.mkdtemp(prefix=stamp, suffix=".old", dir=target.parent))
             os.replace(target, old / "artifact")
-        os.replace(tmp, target)
+        os.rename(tmp, target)  # fails (no merge) if a folder appeared there since the check
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:

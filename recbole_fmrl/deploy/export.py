@@ -1,10 +1,10 @@
 """Training checkpoint -> one artifact folder per size (see ``artifact.py`` for the format).
 
-Reads only the checkpoint (``torch.load(weights_only=True)``) and, for feature-based models, the
-frozen feature files it names (refused when their sha256 changed since training): no RecBole
-Dataset, no Config. The checkpoint's network (``model/network.py``) is rebuilt, truncated to each
-size m and frozen: the artifact keeps the first-m slices of every nested weight (stored pre-masked),
-the projected size-m item table, the raw item ids and titles.
+Reads only the checkpoint (``torch.load(weights_only=True)``, its payload sha256 verified) and, for
+feature-based models, the frozen feature files it names (refused when their sha256 changed since
+training): no RecBole Dataset, no Config. The checkpoint's network (``model/network.py``) is rebuilt,
+truncated to each size m and frozen: the artifact keeps the first-m slices of every nested weight
+(stored pre-masked), the projected size-m item table, the raw item ids and titles.
 """
 import json
 import subprocess
@@ -17,6 +17,7 @@ from recbole_fmrl.data.modality import modality_parts
 from recbole_fmrl.deploy import artifact
 from recbole_fmrl.model.fusion import item_encoder
 from recbole_fmrl.model.network import FMRLNet, ModelArgs, network_state_dict
+from recbole_fmrl.train import checkpoint
 
 
 def resolve_checkpoint(path):
@@ -33,14 +34,7 @@ def resolve_checkpoint(path):
 def load_checkpoint(path):
     """The checkpoint's plain-value dict; it must carry the ``export`` fields (model_args, item catalog)."""
     path = resolve_checkpoint(path)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise artifact.ArtifactError(f"{path}: checkpoint not found") from None
-    except Exception as err:
-        raise artifact.ArtifactError(f"{path}: cannot load as a checkpoint ({type(err).__name__})") from err
-    if not isinstance(state, dict) or "state_dict" not in state:
-        raise artifact.ArtifactError(f"{path}: not a recbole_fmrl training checkpoint")
+    state = checkpoint.load(path)  # one line for a missing, damaged or foreign file
     if not state.get("export"):
         raise artifact.ArtifactError(f"{path}: the checkpoint has no export fields (saved by an older "
                                      f"recbole_fmrl or a model without model_args); retrain to export it")
@@ -91,8 +85,12 @@ def size_metrics(state, metrics, size):
     return None if row is None else {k: row[k] for k in ("valid", "test") if k in row}
 
 
-def export_sizes(checkpoint_path, sizes, output_dir, *, feature_dir=None, metrics=None, onnx=False, log=None):
-    """Write ``<output_dir>/size-<m>/`` for every m in ``sizes``; returns {m: folder}."""
+def export_sizes(checkpoint_path, sizes, output_dir, *, feature_dir=None, metrics=None, onnx=False, log=None,
+                 force=False):
+    """Write ``<output_dir>/size-<m>/`` for every m in ``sizes``; returns {m: folder}.
+
+    Every target is checked before any work: missing, or an artifact to replace with ``force``
+    (``artifact.check_target``); anything else is refused naming the path."""
     checkpoint_path = resolve_checkpoint(checkpoint_path)
     state = load_checkpoint(checkpoint_path)
     info = state["export"]
@@ -100,21 +98,23 @@ def export_sizes(checkpoint_path, sizes, output_dir, *, feature_dir=None, metric
     bad = [m for m in sizes if m not in nested]
     if bad or not sizes:
         raise artifact.ArtifactError(f"sizes {bad or sizes}: the checkpoint's nested sizes are {nested}")
+    for size in sizes:
+        artifact.check_target(Path(output_dir) / f"size-{size}", force)
     net = checkpoint_network(state, feature_dir)
     source = {"path": str(Path(checkpoint_path).resolve()), "sha256": artifact.sha256_file(checkpoint_path),
               "epoch": state.get("epoch")}
     written = {}
     for size in sorted(set(int(m) for m in sizes)):
-        written[size] = write_size(state, net, size, Path(output_dir) / f"size-{size}", source, metrics, onnx)
+        written[size] = write_size(state, net, size, Path(output_dir) / f"size-{size}", source, metrics, onnx, force)
         if log:
             log(f"exported size {size} -> {written[size]}")
     return written
 
 
-def write_size(state, net, size, folder, source, metrics, onnx):
+def write_size(state, net, size, folder, source, metrics, onnx, force=False):
     info = state["export"]
     args, weights, count = size_artifact(net, size)
-    with artifact.staging(folder) as tmp:
+    with artifact.staging(folder, force) as tmp:
         torch.save({"model_args": args, "state_dict": weights}, tmp / artifact.WEIGHTS)
         items = {"item_ids": info["item_tokens"], "titles": info.get("item_titles")}
         (tmp / artifact.ITEMS).write_text(json.dumps(items, ensure_ascii=False) + "\n", encoding="utf-8")

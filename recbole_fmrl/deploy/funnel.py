@@ -7,6 +7,8 @@ model's. The scoring cost per user is N*m_1 + keep_1*m_2 + ... multiply-adds ins
 """
 import torch
 
+from recbole_fmrl.errors import InputError
+
 
 def parse_funnel(spec):
     """``"32:200,256"`` -> [(32, 200), (256, None)]; sizes increasing, shortlists shrinking."""
@@ -18,14 +20,14 @@ def parse_funnel(spec):
             size = int(fields[0])
             keep = int(fields[1]) if len(fields) == 2 else None
         except ValueError:
-            raise ValueError(f"funnel {spec!r}: stages are SIZE:KEEP, the last one SIZE (e.g. 32:200,256)") from None
+            raise InputError(f"funnel {spec!r}: stages are SIZE:KEEP, the last one SIZE (e.g. 32:200,256)") from None
         if len(fields) > 2 or (keep is None) != last or size <= 0 or (keep is not None and keep <= 0):
-            raise ValueError(f"funnel {spec!r}: stages are SIZE:KEEP, the last one SIZE (e.g. 32:200,256)")
+            raise InputError(f"funnel {spec!r}: stages are SIZE:KEEP, the last one SIZE (e.g. 32:200,256)")
         stages.append((size, keep))
     sizes = [s for s, _ in stages]
     keeps = [k for _, k in stages[:-1]]
     if any(b <= a for a, b in zip(sizes, sizes[1:])) or any(b >= a for a, b in zip(keeps, keeps[1:])):
-        raise ValueError(f"funnel {spec!r}: sizes must increase and shortlists shrink stage by stage")
+        raise InputError(f"funnel {spec!r}: sizes must increase and shortlists shrink stage by stage")
     return stages
 
 

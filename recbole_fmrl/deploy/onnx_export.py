@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from recbole_fmrl.errors import InputError
 from recbole_fmrl.model.network import FMRLNet
 
 OPSET = 17
@@ -33,6 +34,10 @@ def onnx_bytes(net):
 
     The graph holds the causal kernels for MAX_ITEM_LIST_LENGTH steps: inputs may be at most that long.
     """
+    try:
+        import onnx  # noqa: F401 - torch.onnx.export needs it
+    except ImportError as err:
+        raise InputError("--onnx needs the onnx package: pip install 'recbole_fmrl[deploy]'") from err
     model = _Scores(net.float().eval())
     example = (torch.ones(2, 3, dtype=torch.long), torch.tensor([3, 1]))
     buffer = io.BytesIO()
@@ -55,7 +60,7 @@ class OnnxScorer:
         try:
             import onnxruntime
         except ImportError as err:
-            raise ImportError("onnxruntime is not installed: pip install 'recbole_fmrl[deploy]'") from err
+            raise InputError("onnxruntime is not installed: pip install 'recbole_fmrl[deploy]'") from err
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = options.inter_op_num_threads = threads
         source = str(model) if isinstance(model, (str, Path)) else model

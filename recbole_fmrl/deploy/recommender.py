@@ -5,16 +5,25 @@
 MAX_ITEM_LIST_LENGTH items (``context="window"``, what it was trained and evaluated on) or the whole
 history (``context="full"``, the LRU recurrence). Any nested size up to the artifact's own can
 serve (``size=``), and ``funnel="32:200,256"`` shortlists with a small size and reranks.
+Loading verifies every file the manifest lists (``model.onnx`` too). ``k`` is at least 1 and at most
+the number of items, and a funnel whose last shortlist is shorter than ``k`` is refused: a result is
+never silently shorter than asked (only excluded items can make it so, e.g. ``exclude_seen`` on a
+history holding most of the catalogue).
 """
 import torch
 
 from recbole_fmrl.deploy import artifact, streaming
 from recbole_fmrl.deploy import funnel as funnels
+from recbole_fmrl.errors import InputError
 from recbole_fmrl.model.network import FMRLNet
 
 
-class UnknownItemError(ValueError):
+class UnknownItemError(InputError):
     """A history holds item ids the artifact does not know."""
+
+
+class EmptyHistoryError(InputError):
+    """A history with no (known) item: nothing to recommend from."""
 
 
 class Recommender:
@@ -33,6 +42,7 @@ class Recommender:
         if chosen is None:
             raise artifact.ArtifactError(f"{folder}: no artifact of size >= {size} (has {sorted(folders)})")
         manifest, weights, items = artifact.read(folders[chosen])
+        artifact.verify(folders[chosen], manifest)  # every listed file, model.onnx included
         try:
             net = FMRLNet.from_artifact(weights["model_args"], weights["state_dict"])
         except (KeyError, RuntimeError, TypeError, ValueError) as err:
@@ -69,8 +79,10 @@ class Recommender:
     def hidden(self, histories, context="window"):
         """Last hidden states [B m] of internal-id histories (lists, oldest first)."""
         streaming.check_context(context)
-        if any(len(h) == 0 for h in histories):
-            raise ValueError("a history is empty (no known items): nothing to recommend from")
+        empty = [row for row, h in enumerate(histories) if len(h) == 0]
+        if empty:
+            raise EmptyHistoryError(f"history {empty[0] + 1} of {len(histories)} is empty (no known item): "
+                                    f"nothing to recommend from")
         if context == "window":
             histories = [h[-self.window:] for h in histories]
         lengths = torch.tensor([len(h) for h in histories])
@@ -96,15 +108,26 @@ class Recommender:
 
     def recommend(self, histories, k=10, exclude_seen=False, skip_unknown=False, context="window", funnel=None):
         """Top-k per history: dicts with ``items`` (raw ids), ``titles``, ``scores``, ``skipped``."""
+        stages = self.stages(funnel, k)
         encoded = [self.encode(h, skip_unknown) for h in histories]
         ids = [e[0] for e in encoded]
         hidden = self.hidden(ids, context)
-        stages = funnels.parse_funnel(funnel) if funnel else [(self.size, None)]
-        if max(s for s, _ in stages) > self.size or any(s not in self.net.sizes for s, _ in stages):
-            raise ValueError(f"funnel {funnel!r}: stage sizes must be nested sizes {self.net.sizes}")
-        table = self.net.item_table()
-        top_ids, top_scores = funnels.funnel_topk(hidden, table, stages, k, self.excluded(ids, exclude_seen))
+        top_ids, top_scores = funnels.funnel_topk(hidden, self.net.item_table(), stages, k, self.excluded(ids, exclude_seen))
         return [self.describe(i, s, skipped) for i, s, (_, skipped) in zip(top_ids.tolist(), top_scores.tolist(), encoded)]
+
+    def stages(self, funnel, k):
+        """The funnel's stages (or the one full-size stage) for top-``k``; refuses what cannot return k items."""
+        n_items = len(self.item_ids) - 1
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n_items:
+            raise InputError(f"topk={k!r}: need an integer from 1 to the artifact's {n_items} items")
+        stages = funnels.parse_funnel(funnel) if funnel else [(self.size, None)]
+        if max(s for s, _ in stages) > self.size or any(s not in self.net.args["sizes"] for s, _ in stages):
+            raise InputError(f"funnel {funnel!r}: stage sizes must be nested sizes {self.net.args['sizes']}")
+        shortest = min((keep for _, keep in stages if keep is not None), default=None)
+        if shortest is not None and shortest < k:
+            raise InputError(f"funnel {funnel!r}: its last shortlist keeps {shortest} items, fewer than topk={k}; "
+                             f"keep at least {k} in every stage")
+        return stages
 
     def describe(self, ids, scores, skipped=0):
         keep = [(i, s) for i, s in zip(ids, scores) if s != float("-inf")]

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from recbole_fmrl.errors import InputError
+
 CONTEXTS = ("full", "window")
 
 
@@ -30,7 +32,7 @@ class StreamState:
 
 def check_context(context):
     if context not in CONTEXTS:
-        raise ValueError(f"context {context!r}: expected one of {CONTEXTS}")
+        raise InputError(f"context {context!r}: expected one of {CONTEXTS}")
     return context
 
 

@@ -16,7 +16,6 @@ in the backward pass, so the extra memory is a few of one chunk's ``[K, r, N]`` 
 import torch
 
 from recbole_fmrl.model.nested import block_bounds
-from recbole_fmrl.settings import nonnegative
 
 ROW_CHUNK = 256  # rows per chunk: a few K * 256 * N float buffers (6 sizes, 12k items: ~75 MB each)
 
@@ -87,12 +86,3 @@ def nested_distillation(hidden, items, sizes, max_rows=0, row_chunk=ROW_CHUNK):
         hidden = hidden[torch.randperm(hidden.shape[0], device=hidden.device)[:max_rows]]
     return _NestedKL.apply(hidden, items, tuple(sizes), row_chunk) / max(1, hidden.shape[0])
 
-
-def distill_rows(config):
-    """``fmrl_distill_rows`` as an int >= 0 (0 = every labelled row)."""
-    return nonnegative(config, "fmrl_distill_rows", "every labelled row")
-
-
-def distill_weight(config):
-    """``fmrl_distill_weight`` as a float >= 0 (0 = off)."""
-    return nonnegative(config, "fmrl_distill_weight", "no distillation", integer=False)

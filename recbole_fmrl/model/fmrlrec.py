@@ -20,12 +20,12 @@ from recbole.model.abstract_recommender import SequentialRecommender
 from recbole.utils import InputType
 
 from recbole_fmrl.data.modality import modality_parts
-from recbole_fmrl.model.distill import distill_rows, distill_weight, nested_distillation
+from recbole_fmrl.model.distill import nested_distillation
 from recbole_fmrl.model.fusion import item_encoder
 from recbole_fmrl.model.labels import labelled_states
 from recbole_fmrl.model.loss import matryoshka_logits
 from recbole_fmrl.model.network import PREFIX, FMRLNet, ModelArgs
-from recbole_fmrl.model.sampled_loss import nested_softmax_loss, train_negatives
+from recbole_fmrl.model.sampled_loss import nested_softmax_loss
 
 
 def model_args(config, modality, n_items, window) -> ModelArgs:
@@ -67,8 +67,8 @@ class FMRLRec(SequentialRecommender):
         self.register_buffer("size_weights", size_weights(config["fmrl_size_weights"], self.sizes), persistent=False)
         self.loss_chunk_size = config["fmrl_loss_chunk_size"]
         self.native_loss = config["fmrl_native_loss"]
-        self.train_negatives = train_negatives(config)
-        self.distill_weight, self.distill_rows = distill_weight(config), distill_rows(config)
+        self.train_negatives = config["fmrl_train_negatives"]  # keys checked by train/schema.py
+        self.distill_weight, self.distill_rows = float(config["fmrl_distill_weight"]), config["fmrl_distill_rows"]
         self.target_list_field = getattr(dataset, "target_list_field", None)
         self._dataset, self._export_info = dataset, None  # the item catalog, for exports
 

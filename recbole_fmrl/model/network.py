@@ -26,8 +26,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from recbole_fmrl.model.fusion import ItemTable
-from recbole_fmrl.model.lru import (LRULayer, Packing, causal_kernels, lambda_powers, recurrence_step, scan_last,
-                                    scan_recurrent, scan_toeplitz)
+from recbole_fmrl.model.lru import LRULayer, Packing, causal_kernels, lambda_powers, recurrence_step, scan_last, scan_recurrent, scan_toeplitz
 from recbole_fmrl.model.nested import NestedLayerNorm, NestedLinear, check_sizes, default_sizes
 
 PREFIX = "network."  # where FMRLRec (the RecBole model) keeps this network in its state_dict

@@ -17,7 +17,6 @@ import torch.nn.functional as F
 
 from recbole_fmrl.model.loss import matryoshka_cross_entropy
 from recbole_fmrl.model.nested import block_bounds
-from recbole_fmrl.settings import nonnegative
 
 
 def sampled_matryoshka_cross_entropy(hidden, items, labels, sizes, negatives):
@@ -55,7 +54,3 @@ def nested_softmax_loss(hidden, items, labels, sizes, num_negatives=0, **full_kw
     negatives = draw_negatives(hidden.shape[0], items.shape[0], num_negatives, hidden.device)
     return sampled_matryoshka_cross_entropy(hidden, items, labels, sizes, negatives)
 
-
-def train_negatives(config):
-    """``fmrl_train_negatives`` as a non-negative int (0 = full softmax)."""
-    return nonnegative(config, "fmrl_train_negatives", "full softmax")

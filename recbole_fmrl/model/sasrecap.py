@@ -27,7 +27,7 @@ from recbole.utils import InputType
 from torch import nn
 
 from recbole_fmrl.model.labels import labelled_states
-from recbole_fmrl.model.sampled_loss import nested_softmax_loss, train_negatives
+from recbole_fmrl.model.sampled_loss import nested_softmax_loss
 
 
 class SASRecAP(SequentialRecommender):
@@ -48,7 +48,7 @@ class SASRecAP(SequentialRecommender):
         self.initializer_range = config["initializer_range"]
         self.loss_chunk_size = config["fmrl_loss_chunk_size"]
         self.native_loss = config["fmrl_native_loss"]
-        self.train_negatives = train_negatives(config)
+        self.train_negatives = config["fmrl_train_negatives"]  # checked by train/schema.py
         if config["loss_type"] != "CE":
             raise ValueError(f"SASRecAP supports loss_type CE only, got {config['loss_type']!r}")
         self.target_list_field = getattr(dataset, "target_list_field", None)

@@ -40,6 +40,8 @@ import tempfile
 import torch
 import torch.distributed as dist
 
+from recbole_fmrl.errors import InputError
+
 LAUNCH_KEYS = ("world_size", "ip", "port", "nproc", "offset")
 
 
@@ -77,7 +79,7 @@ def init_device(cfg):
     if cuda:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu_id
         if len(gpu_id.split(",")) < int(cfg.get("nproc") or 1):
-            raise ValueError(f"gpu_id={gpu_id!r} lists fewer GPUs than --nproc {cfg.get('nproc')}")
+            raise InputError(f"gpu_id={gpu_id!r} lists fewer GPUs than --nproc {cfg.get('nproc')}")
         torch.cuda.set_device(local_rank)
     global_rank = int(cfg.get("offset") or 0) + local_rank
     if not dist.is_initialized():
@@ -260,9 +262,9 @@ def launch_settings(nproc=1, world_size=None, ip=None, port=None, offset=0):
     nproc = int(nproc or 1)
     world = int(world_size) if world_size not in (None, -1, "-1") else nproc
     if world < nproc:
-        raise ValueError(f"world_size {world} is smaller than --nproc {nproc}")
+        raise InputError(f"world_size {world} is smaller than --nproc {nproc}")
     if world > nproc and (ip is None or port is None):
-        raise ValueError("several machines: give --ip and --port of the machine running rank 0 (and --group_offset)")
+        raise InputError("several machines: give --ip and --port of the machine running rank 0 (and --group_offset)")
     return {"world_size": world, "nproc": nproc, "ip": ip or "localhost",
             "port": int(port) if port is not None else free_port(), "offset": int(offset or 0)}
 

@@ -10,14 +10,14 @@ from collections import OrderedDict
 from logging import getLogger
 from typing import Callable, Optional
 
-import torch
 from recbole.data import data_preparation
 from recbole.utils import init_seed, set_color
 
+from recbole_fmrl.data import features, validate
 from recbole_fmrl.data.modality import resolve_for_run
 from recbole_fmrl.environment import set_numerics
 from recbole_fmrl.model import native
-from recbole_fmrl.train import checkpoint, distributed, validate
+from recbole_fmrl.train import checkpoint, distributed
 from recbole_fmrl.train.config import Config
 from recbole_fmrl.train.outputs import init_logger
 from recbole_fmrl.train.registry import create_dataset, get_model, get_trainer, uses_fmrl_dataset
@@ -33,14 +33,15 @@ def prepare(model: Optional[str] = None, dataset: Optional[str] = None, config_f
     """Config, dataset, dataloaders, model and trainer of one run, ready to ``fit``.
 
     ``load_dataset(config)`` returns the (unbuilt) dataset: Ray trials pass a per-worker cache.
-    The dataset folder and schema are validated first (``validate.check_run``: an ``InputError``
-    before anything is written). ``resume``: a run folder or checkpoint (``checkpoint.find_last``)
-    whose last checkpoint the trainer continues from.
+    The configuration (``Config``: the typed schema), the dataset folder and schema
+    (``validate.check_run``) are checked first, the loaded dataset (``validate.check_loaded``) before
+    the split: an ``InputError`` before any checkpoint is written. ``resume``: a run folder or
+    checkpoint (``checkpoint.find_last``) whose last checkpoint the trainer continues from.
     """
     if config is None:
         config = Config(model=model, dataset=dataset, config_file_list=config_file_list, config_dict=config_dict)
     set_numerics(config["fmrl_flush_denormal"])
-    native.set_cache_dir(config["fmrl_cache_dir"])  # the compiled loss kernel is built and found there
+    native.set_cache_dir(config["fmrl_cache_dir"])  # the compiled loss kernel lives in the run's cache
     init_seed(config["seed"], config["reproducibility"])
     checked = validate.check_run(config)
     if log and distributed.is_main():  # multi-process runs: rank 0 writes the log
@@ -54,18 +55,17 @@ def prepare(model: Optional[str] = None, dataset: Optional[str] = None, config_f
             feature_builder(config)
         data = load_dataset(config)
     logger.info(data)
+    validate.check_loaded(config, data)
+    dataset_sha256 = validate.fingerprint(config, features.locate(config))
     train_data, valid_data, test_data = data_preparation(config, data)
     distributed.seed_sampler(train_data, config)
     init_seed(config["seed"] + distributed.rank(), config["reproducibility"])
     net = get_model(config["model"])(config, train_data._dataset).to(config["device"])
     logger.info(net)
-    trainer = get_trainer()(config, net)
+    trainer = get_trainer()(config, net, dataset_sha256=dataset_sha256)
     trainer.eval_collector.data_collect(train_data)  # training statistics some metrics need (also without fit)
     if resume is not None:
         trainer.resume_checkpoint(checkpoint.find_last(resume, config["model"]), train_data)
-    # importing any RecBole sequential model imports SINE, whose module turns on autograd anomaly
-    # detection for the whole process (a stack trace per op: baselines train several times slower)
-    torch.autograd.set_detect_anomaly(False)
     return config, net, trainer, (train_data, valid_data, test_data)
 
 

@@ -1,24 +1,37 @@
 """Where a run writes: log/, log_tensorboard/ and saved/ under ``fmrl_output_dir``.
 
 RecBole hard-codes ``./log`` and ``./log_tensorboard``; this module is the one place that sends
-them under the configured output folder instead.
+them under the configured output folder instead. Run names cannot collide: RecBole names a run by
+its start second, so two runs started in the same second into one ``fmrl_output_dir`` overwrote each
+other's checkpoints; ``run_id`` adds the process id and a random suffix.
 """
 import contextlib
-import hashlib
 import logging
 import os
+import secrets
 
 import colorlog
 from recbole.utils import get_local_time
 from recbole.utils.logger import RemoveColorFilter, log_colors_config
 
 
+def run_id(config) -> str:
+    """``<start time>-<pid>-<random>``: one per Config (the log, TensorBoard and checkpoint names share it)."""
+    if "_fmrl_run_id" not in config.__dict__:
+        config.__dict__["_fmrl_run_id"] = f"{get_local_time()}-{os.getpid()}-{secrets.token_hex(3)}"
+    return config.__dict__["_fmrl_run_id"]
+
+
+def checkpoint_file(config) -> str:
+    """The best checkpoint's path, ``<checkpoint_dir>/<model>-<run_id>.pth`` (its last one: ``.last.pth``)."""
+    return os.path.join(config["checkpoint_dir"], f"{config['model']}-{run_id(config)}.pth")
+
+
 def init_logger(config) -> str:
     """RecBole-style console + file logging, the file under <fmrl_output_dir>/log/<model>/."""
     log_dir = os.path.join(config["fmrl_output_dir"], "log", config["model"])
     os.makedirs(log_dir, exist_ok=True)
-    digest = hashlib.md5("".join(str(v) for v in config.final_config_dict.values()).encode()).hexdigest()[:6]
-    path = os.path.join(log_dir, f"{config['model']}-{config['dataset']}-{get_local_time()}-{digest}.log")
+    path = os.path.join(log_dir, f"{config['model']}-{config['dataset']}-{run_id(config)}.log")
     level = {"debug": logging.DEBUG, "error": logging.ERROR, "warning": logging.WARNING}.get(
         str(config["state"]).lower(), logging.INFO)
     file_handler = logging.FileHandler(path)

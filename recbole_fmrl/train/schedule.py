@@ -6,13 +6,11 @@ The fMRLRec reference trains with ``get_cosine_schedule_with_warmup`` (100 warm-
 stays at 0 once the decay ends (the cosine does not climb back), and the trainer ends the run there:
 later epochs could not change the weights, only repeat the last validation score for ``stopping_step``
 epochs.
-Both keys default to 0: RecBole's constant learning rate.
+Both keys default to 0 (properties/overall.yaml): RecBole's constant learning rate.
 """
 import math
 
 from torch.optim.lr_scheduler import LambdaLR
-
-from recbole_fmrl.settings import nonnegative
 
 
 class WarmupCosine:
@@ -38,16 +36,9 @@ class WarmupCosine:
         return bool(self.decay_epochs) and step >= max(self.warmup_steps, self.decay_epochs * self.steps_per_epoch)
 
 
-def schedule_settings(config):
-    """``(warmup_steps, decay_epochs)`` from the config; one-line errors name the key."""
-    return (nonnegative(config, "fmrl_lr_warmup_steps", "no warm-up"),
-            nonnegative(config, "fmrl_lr_decay_epochs", "no decay"))
-
-
-def attach_schedule(optimizer, config, steps_per_epoch):
+def attach_schedule(optimizer, warmup_steps, decay_epochs, steps_per_epoch):
     """A LambdaLR over ``optimizer`` that steps itself after every ``optimizer.step()``; None when both
-    keys are 0 (the learning rate stays RecBole's constant one)."""
-    warmup_steps, decay_epochs = schedule_settings(config)
+    ``fmrl_lr_warmup_steps`` and ``fmrl_lr_decay_epochs`` are 0 (RecBole's constant learning rate)."""
     if not warmup_steps and not decay_epochs:
         return None
     scheduler = LambdaLR(optimizer, WarmupCosine(warmup_steps, decay_epochs, steps_per_epoch))

@@ -10,6 +10,9 @@
 - Checkpoints reload under torch >= 2.6 (see ``checkpoint.py``).
 - AdamW decays only weight matrices, not biases, norms or the LRU's log-parameters.
 - ``fmrl_lr_warmup_steps`` / ``fmrl_lr_decay_epochs``: warm-up and cosine decay (``schedule.py``).
+- The plugin's keys are read once, in ``__init__`` (checked by ``schema.py``; defaults in the YAML files).
+- Run names cannot collide (``outputs.checkpoint_file``); a resumed run must have the settings
+  (``schema.RESUME_KEYS``) and the dataset content (``validate.fingerprint``) of the run it continues.
 """
 import copy
 import math
@@ -27,36 +30,26 @@ from tqdm import tqdm
 
 from recbole_fmrl.errors import InputError
 from recbole_fmrl.train import checkpoint, distributed
-from recbole_fmrl.train.outputs import tensorboard_under
+from recbole_fmrl.train.outputs import checkpoint_file, tensorboard_under
 from recbole_fmrl.train.schedule import attach_schedule, schedule_ended
+from recbole_fmrl.train.schema import RESUME_KEYS
 
 NO_DECAY_MARKERS = ("bias", "ln1.", "ln2.", "norm", "params_log")
-# Settings a resumed run must share with the run it continues (the rest may change, e.g. epochs).
-RESUME_KEYS = ("model", "dataset", "seed", "hidden_size", "n_layers", "fmrl_sizes", "fmrl_size_weights",
-               "fmrl_modality", "fmrl_train_objective", "fmrl_train_negatives", "fmrl_distill_weight", "fmrl_distill_rows",
-               "fmrl_select_on", "fmrl_lr_warmup_steps", "fmrl_lr_decay_epochs",
-               "MAX_ITEM_LIST_LENGTH", "train_batch_size", "learner", "learning_rate", "weight_decay", "eval_step", "stopping_step", "valid_metric")
 
 
-def check_resumable(saved, config, resume_file):
-    """Refuse (naming the key) a checkpoint written under other settings than ``config``'s."""
+def check_resumable(state, config, resume_file, dataset_sha256=None):
+    """Refuse (naming the key) a checkpoint written under other settings than ``config``'s (the keys
+    marked ``resume`` in the schema; the rest may change, e.g. epochs), or on other data."""
+    saved = state["config"]
     for key in RESUME_KEYS:
         if key in saved and checkpoint.plain(config[key]) != saved[key]:
             raise InputError(f"{resume_file}: written with {key}={saved[key]!r}, this run has {key}="
                              f"{checkpoint.plain(config[key])!r}; resume with the original settings")
-
-
-SELECTION_RULES = ("largest", "mean", "geomean")
-
-
-def selection_rule(config):
-    """``fmrl_select_on``: whose validation metric early stopping and the best checkpoint follow: the
-    largest size (the paper), or the mean / geometric mean over every nested size (each size's relative
-    gain counts alike: training runs on while the small sizes still improve)."""
-    rule = str(config["fmrl_select_on"] if "fmrl_select_on" in config and config["fmrl_select_on"] else "largest")
-    if rule not in SELECTION_RULES:
-        raise InputError(f"fmrl_select_on: {rule!r} is not one of {', '.join(SELECTION_RULES)}")
-    return rule
+    trained_on = state.get("dataset_sha256")
+    if trained_on and dataset_sha256 and trained_on != dataset_sha256:
+        raise InputError(f"{resume_file}: trained on other data than dataset {config['dataset']} in "
+                         f"{config['data_path']} holds now (content sha256 {trained_on[:12]}... against "
+                         f"{dataset_sha256[:12]}...); resume on the data it was trained on, or start a new run")
 
 
 def select_score(per_size, rule):
@@ -73,10 +66,6 @@ def mask_history(scores, item_seq):
     to the window length; padding 0) set to -inf, in place: excluded from the ranking."""
     index = item_seq.expand(*scores.shape[:-2], *item_seq.shape)  # [... B L]
     return scores.scatter_(-1, index, -torch.inf)
-
-
-def masks_history(config):
-    return bool(config["fmrl_eval_mask_history"]) if "fmrl_eval_mask_history" in config else False
 
 
 class StatsCollector(Collector):
@@ -97,18 +86,24 @@ class StatsCollector(Collector):
 
 
 class FMRLTrainer(Trainer):
-    def __init__(self, config, model):
+    def __init__(self, config, model, dataset_sha256=None):
         with tensorboard_under(config["fmrl_output_dir"]), distributed.trainer_construction(config):
             super().__init__(config, model)
+        self.saved_model_file = checkpoint_file(config)  # RecBole's <model>-<second>.pth collides
         distributed.attach(self)  # multi-process runs: DistributedDataParallel, rank 0's checkpoint path
         self.eval_collector = StatsCollector(config)  # train-statistic metrics work in RecBole's evaluate too
         self.size_results = None
         self.best_epoch = -1
+        self.dataset_sha256 = dataset_sha256  # validate.fingerprint of the data (checkpoints carry it)
         self.scheduler, self.schedule_attached = None, False
-        self.select_on = selection_rule(config)
+        # the plugin's keys, read once (defaults: properties/overall.yaml; checked by schema.py)
+        # fmrl_select_on: whose validation metric early stopping and the best checkpoint follow: the largest
+        # size (the paper), or the mean / geometric mean over every nested size
+        self.select_on = config["fmrl_select_on"]
+        self.mask_history = bool(config["fmrl_eval_mask_history"])
+        self.schedule_settings = (config["fmrl_lr_warmup_steps"], config["fmrl_lr_decay_epochs"])
         # Per-epoch validation of every size costs K top-k sorts; early stopping on the largest reads one.
-        self.valid_every_size = self.select_on != "largest" or (
-            bool(config["fmrl_valid_every_size"]) if "fmrl_valid_every_size" in config else True)
+        self.valid_every_size = self.select_on != "largest" or bool(config["fmrl_valid_every_size"])
 
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None,
             on_evaluation=None):
@@ -151,7 +146,7 @@ class FMRLTrainer(Trainer):
     def attach_schedule(self, train_data):
         """The learning-rate schedule, once, when the number of steps per epoch is known."""
         if not self.schedule_attached and train_data is not None:
-            self.scheduler = attach_schedule(self.optimizer, self.config, len(train_data))
+            self.scheduler = attach_schedule(self.optimizer, *self.schedule_settings, len(train_data))
             self.schedule_attached = True
 
     def _train_one_epoch(self, train_data, epoch, verbose, show_progress):
@@ -217,7 +212,8 @@ class FMRLTrainer(Trainer):
         checkpoint.save(path, config=self.config, state_dict=self.model.state_dict(), epoch=epoch,
                         cur_step=self.cur_step, best_valid_score=self.best_valid_score,
                         optimizer=self.optimizer.state_dict(), other_parameter=self.model.other_parameter(),
-                        export=self.model.export_info() if hasattr(self.model, "export_info") else None)
+                        export=self.model.export_info() if hasattr(self.model, "export_info") else None,
+                        dataset_sha256=self.dataset_sha256)
         if verbose:
             self.logger.info(set_color("Saving current", "blue") + f": {path}")
 
@@ -238,14 +234,14 @@ class FMRLTrainer(Trainer):
         checkpoint.save(path, config=self.config, state_dict=self.model.state_dict(), epoch=epoch,
                         cur_step=self.cur_step, best_valid_score=self.best_valid_score,
                         optimizer=self.optimizer.state_dict(), other_parameter=self.model.other_parameter(),
-                        export=None, resume=resume)
+                        export=None, resume=resume, dataset_sha256=self.dataset_sha256)
         return path
 
     def resume_checkpoint(self, resume_file, train_data=None):
         """Continue from a checkpoint: a last one (``save_last_checkpoint``) restores everything, the
         best one (RecBole's way) weights, optimiser and early-stopping counters only."""
         state = checkpoint.load(resume_file, self.device)
-        check_resumable(state["config"], self.config, resume_file)
+        check_resumable(state, self.config, resume_file, self.dataset_sha256)
         resume = state.get("resume")
         self.saved_model_file = str(checkpoint.best_path(resume_file) if resume else resume_file)
         self.start_epoch, self.cur_step = state["epoch"] + 1, state["cur_step"]
@@ -290,7 +286,7 @@ class FMRLTrainer(Trainer):
 
     def _full_sort_batch_eval(self, batched_data):  # RecBole's path (baselines, single-size models)
         interaction, scores, positive_u, positive_i = super()._full_sort_batch_eval(batched_data)
-        if masks_history(self.config) and hasattr(self.model, "ITEM_SEQ"):
+        if self.mask_history and hasattr(self.model, "ITEM_SEQ"):
             mask_history(scores, interaction[self.model.ITEM_SEQ].to(scores.device))
         return interaction, scores, positive_u, positive_i
 
@@ -317,7 +313,7 @@ class FMRLTrainer(Trainer):
             scores[..., 0] = -torch.inf
             if history_index is not None:
                 scores[:, history_index[0], history_index[1]] = -torch.inf
-            if masks_history(self.config):
+            if self.mask_history:
                 mask_history(scores, interaction[self.model.ITEM_SEQ])
             for collector, size_scores in zip(collectors, scores):
                 collector.eval_batch_collect(size_scores, interaction, positive_u, positive_i)

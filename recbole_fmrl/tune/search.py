@@ -102,7 +102,9 @@ def init_ray(address=None, num_cpus=None):
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, **kwargs)
+        # "local": a new Ray of our own, never a cluster someone else started on this machine (which a bare
+        # ray.init() attaches to through /tmp/ray/ray_current_cluster)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, **kwargs)
     return True
 
 

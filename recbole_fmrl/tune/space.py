@@ -19,7 +19,9 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from recbole_fmrl.errors import InputError
 from recbole_fmrl.paths import properties_dir
+from recbole_fmrl.train.schema import PATH_KEYS  # keys resolved against the launch folder
 
 SEARCHES = ("grid", "random")
 SCHEDULERS = ("fifo", "asha")
@@ -30,8 +32,10 @@ DISTRIBUTIONS = ("grid", "choice", "range", "uniform", "quniform", "loguniform",
 TRIAL_KEYS = ("fmrl_output_dir", "checkpoint_dir", "gpu_id", "use_gpu", "show_progress")
 NOT_SEARCHABLE = set(TRIAL_KEYS) | {"model", "dataset", "valid_metric", "valid_metric_bigger", "metrics", "eval_args",
                                     "data_path", "fmrl_cache_dir", "fmrl_feature_path", "nproc", "local_rank"}
-PATH_KEYS = ("data_path", "fmrl_cache_dir", "fmrl_feature_path", "fmrl_output_dir", "checkpoint_dir",
-             "dataset_save_path", "dataloaders_save_path")
+
+class SpaceError(InputError):
+    """A search space file, or a key given with it, that cannot be searched (one line naming it)."""
+
 
 class _Loader(yaml.SafeLoader):
     """Safe YAML with RecBole's float rule: 1e-4 is a float, not a string."""
@@ -88,7 +92,7 @@ def expand_range(args: list) -> list:
     """``{range: [start, stop, step]}``: start, start + step, ..., stop (inclusive), rounded."""
     start, stop, step = args
     if step <= 0:
-        raise ValueError(f"range {args}: step must be positive")
+        raise SpaceError(f"range {args}: step must be positive")
     n = int(math.floor((stop - start) / step + 1e-9)) + 1
     values = [round(start + i * step, 10) for i in range(n)]
     return [int(v) if all(isinstance(a, int) for a in args) else v for v in values]
@@ -98,20 +102,20 @@ def check_distribution(key, spec):
     """(kind, args) of one space entry; a plain list is ``grid`` under grid search, ``choice`` under random."""
     if isinstance(spec, list):
         if not spec:
-            raise ValueError(f"space.{key}: empty list")
+            raise SpaceError(f"space.{key}: empty list")
         return None, spec
     if isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in DISTRIBUTIONS:
         kind, args = next(iter(spec.items()))
         if kind in ("grid", "choice") and (not isinstance(args, list) or not args):
-            raise ValueError(f"space.{key}: {kind} needs a non-empty list")
+            raise SpaceError(f"space.{key}: {kind} needs a non-empty list")
         if kind == "range":
             return None, expand_range(args)
         if kind not in ("grid", "choice"):
             n = {"uniform": 2, "loguniform": 2, "randint": 2, "quniform": 3, "qloguniform": 3, "qrandint": 3}[kind]
             if not isinstance(args, list) or len(args) != n:
-                raise ValueError(f"space.{key}: {kind} needs a list of {n} numbers, got {args!r}")
+                raise SpaceError(f"space.{key}: {kind} needs a list of {n} numbers, got {args!r}")
         return kind, args
-    raise ValueError(f"space.{key}: expected a list or one of {{{', '.join(DISTRIBUTIONS)}: ...}}, got {spec!r}")
+    raise SpaceError(f"space.{key}: expected a list or one of {{{', '.join(DISTRIBUTIONS)}: ...}}, got {spec!r}")
 
 
 def grid_points(space: dict, search: str) -> int:
@@ -140,7 +144,7 @@ def check_seeds(seeds, where):
         return []
     if not isinstance(seeds, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds) \
             or len(set(seeds)) != len(seeds):
-        raise ValueError(f"{where}: seeds must be a list of distinct integers, got {seeds!r}")
+        raise SpaceError(f"{where}: seeds must be a list of distinct integers, got {seeds!r}")
     return list(seeds)
 
 
@@ -178,7 +182,7 @@ def evaluate_expression(expr, values: dict):
             return node.value
         if isinstance(node, ast.Name):
             if node.id not in values:
-                raise ValueError(f"derived expression {expr!r}: unknown key {node.id!r}")
+                raise SpaceError(f"derived expression {expr!r}: unknown key {node.id!r}")
             return values[node.id]
         if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
             return _BINOPS[type(node.op)](ev(node.left), ev(node.right))
@@ -187,7 +191,7 @@ def evaluate_expression(expr, values: dict):
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _FUNCS \
                 and not node.keywords:
             return _FUNCS[node.func.id](*[ev(a) for a in node.args])
-        raise ValueError(f"derived expression {expr!r}: only numbers, keys, + - * / // % ** and "
+        raise SpaceError(f"derived expression {expr!r}: only numbers, keys, + - * / // % ** and "
                          f"{', '.join(_FUNCS)} are allowed")
 
     value = ev(ast.parse(expr, mode="eval"))
@@ -233,13 +237,13 @@ def build_job(space, dataset=None, model=None, config_files=None, overrides=None
     spec = load_yaml(space_file)
     unknown = set(spec) - SPACE_KEYS
     if unknown:
-        raise ValueError(f"{space_file}: unknown top-level keys {sorted(unknown)}; expected {sorted(SPACE_KEYS)}")
+        raise SpaceError(f"{space_file}: unknown top-level keys {sorted(unknown)}; expected {sorted(SPACE_KEYS)}")
     fixed = dict(spec.get("fixed") or {})
     searched = dict(spec.get("space") or {})
     derived = dict(spec.get("derived") or {})
     both = set(fixed) & (set(searched) | set(derived))
     if both:
-        raise ValueError(f"{space_file}: keys both fixed and searched/derived: {sorted(both)}")
+        raise SpaceError(f"{space_file}: keys both fixed and searched/derived: {sorted(both)}")
     user = {}
     for path in config_files or []:
         user.update(load_yaml(Path(path).expanduser()))
@@ -248,26 +252,26 @@ def build_job(space, dataset=None, model=None, config_files=None, overrides=None
     dataset = dataset or user.pop("dataset", None) or spec.get("dataset")
     user.pop("model", None), user.pop("dataset", None)
     if not dataset:
-        raise ValueError("no dataset: pass --dataset NAME (or set dataset: in the space file)")
+        raise SpaceError("no dataset: pass --dataset NAME (or set dataset: in the space file)")
     pinned = sorted(k for k in user if k in searched or k in derived)
     for key in pinned:
         searched.pop(key, None), derived.pop(key, None)
     bad = sorted((set(searched) | set(derived)) & NOT_SEARCHABLE)
     if bad:
-        raise ValueError(f"{space_file}: these keys cannot be searched: {bad}")
+        raise SpaceError(f"{space_file}: these keys cannot be searched: {bad}")
     if not searched:
-        raise ValueError(f"{space_file}: nothing to search (space is empty after pinning {pinned})")
+        raise SpaceError(f"{space_file}: nothing to search (space is empty after pinning {pinned})")
     search = search or spec.get("search", "grid")
     scheduler = scheduler or spec.get("scheduler", "fifo")
     if search not in SEARCHES:
-        raise ValueError(f"search: {search!r}, expected one of {SEARCHES}")
+        raise SpaceError(f"search: {search!r}, expected one of {SEARCHES}")
     if scheduler not in SCHEDULERS:
-        raise ValueError(f"scheduler: {scheduler!r}, expected one of {SCHEDULERS}")
+        raise SpaceError(f"scheduler: {scheduler!r}, expected one of {SCHEDULERS}")
     for key, value in searched.items():
         check_distribution(key, value)
     seeds = check_seeds(seeds if seeds is not None else spec.get("seeds"), f"{space_file}: seeds")
     if seeds and ("seed" in searched or "seed" in derived or "seed" in user):
-        raise ValueError(f"{space_file}: seed is {'given' if 'seed' in user else 'searched'} and the space repeats "
+        raise SpaceError(f"{space_file}: seed is {'given' if 'seed' in user else 'searched'} and the space repeats "
                          f"seeds {seeds}; keep one")
     base = absolute_paths({**fixed, **user})
     missing = set().union(*[expression_names(e) for e in derived.values()]) - set(base) - set(searched) - set(derived)

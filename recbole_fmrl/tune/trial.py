@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from recbole_fmrl.errors import InputError
 from recbole_fmrl.train import registry
 from recbole_fmrl.train.driver import evaluate_sizes, prepare
 from recbole_fmrl.tune.space import make_config, trial_config_dict
@@ -125,7 +126,7 @@ def train_trial(job, params, trial_dir, report, resume_dir=None, device=None, th
         job["model"], job["dataset"], trial_paths(job, params, out, device))
     trainer.saved_model_file = str(out / "saved" / "best.pth")
     if trainer.eval_step <= 0 or not valid_data:
-        raise ValueError("tuning selects on validation: set eval_step >= 1 and keep a validation split")
+        raise InputError("tuning selects on validation: set eval_step >= 1 and keep a validation split")
     metric = config["valid_metric"].lower()
     state = {"best_epoch": -1, "best_valid_result": None, "best_sizes": None}
     if resume_dir:

@@ -1,8 +1,10 @@
-"""Before a run loads anything: its dataset folder against the converter's manifest, and its schema.
+"""A run's dataset folder: before it loads (manifest, schema), once it is loaded (big enough to split
+and rank), and its content fingerprint (what a resumed run must share).
 
-``check_run(config)`` is called by ``driver.prepare`` before any output is written. Every problem is
-an ``InputError`` whose one-line message names the file, column or key (and, for a damaged dataset,
-the command that rebuilds it).
+``check_run(config)`` is called by ``driver.prepare`` before any output is written, ``check_loaded``
+after RecBole loaded (and filtered) the dataset, before the split and the model. Every problem is an
+``InputError`` whose one-line message names the file, column or key (and, for a damaged dataset, the
+command that rebuilds it).
 
 - **Manifest** (``meta.json``, written last by ``dataset_tools``): every file it lists must be present
   with the recorded size and sha256, ``.item_ids`` must have ``stats.items`` rows, and every feature
@@ -15,7 +17,12 @@ the command that rebuilds it).
 - **Schema**: the atomic files RecBole will read have ``name:type`` headers of known types, the
   ``.inter`` file has the time column when the split or the model orders by time, and every column
   ``load_col`` names exists.
+- **Loaded** (``check_loaded``): the leave-one-out split leaves something to train, validate and test
+  on, and every ``topk`` cut-off is at most the number of items.
+- **Fingerprint** (``fingerprint``): a sha256 over the content of the dataset's files (atomic files
+  and feature tables), so a resumed run can tell the same data from data of the same name.
 """
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -38,7 +45,14 @@ def check_run(config) -> str:
         return f"{folder}: {name} not present yet; RecBole downloads it"
     summary = check_manifest(folder, name)
     check_schema(config, folder, name)
-    return summary
+    return f"dataset {name}: {summary}" + (" (RecBole's bundled copy)" if bundled(folder) else "")
+
+
+def bundled(folder: Path) -> bool:
+    """Whether ``folder`` is one of the datasets RecBole ships inside its package (its ml-100k)."""
+    import recbole
+
+    return Path(recbole.__file__).parent.resolve() in Path(folder).resolve().parents
 
 
 def recbole_downloads() -> set:
@@ -193,3 +207,51 @@ def check_time_column(config, path: Path, header: dict):
         raise InputError(f"{path}: no '{time_field}' column (columns: {', '.join(header)}); {config['model']} "
                          f"orders each user's interactions by time (TIME_FIELD={time_field}): add a "
                          f"'{time_field}:float' column")
+
+
+# ----------------------------------------------------------------------------- after loading
+
+def leave_one_out(config):
+    """How many of each user's last samples the split holds out (2: validation and test), or None when
+    the split is not RecBole's leave-one-out by user (ratio splits, benchmark files)."""
+    split = (config["eval_args"] or {}).get("split") or {}
+    if config["benchmark_filename"] or "LS" not in split:
+        return None
+    return 2 if split["LS"] == "valid_and_test" else 1
+
+
+def check_loaded(config, dataset):
+    """After RecBole loaded and filtered the dataset, before the split: refuse, with the reason, a
+    dataset whose split leaves nothing to train, validate or test on, and cut-offs above its item count."""
+    name, folder = config["dataset"], config["data_path"]
+    held_out = leave_one_out(config)
+    if held_out is not None:
+        counts = dataset.counter(dataset.uid_field)
+        sequential = config["MODEL_TYPE"] == ModelType.SEQUENTIAL  # n interactions make n-1 (prefix, next) samples
+        need = held_out + 1 + int(sequential)
+        most = max(counts.values(), default=0)
+        if most < need:
+            raise InputError(
+                f"dataset {name} ({folder}) is too small to split: eval_args split LS {config['eval_args']['split']['LS']} "
+                f"holds out each user's last {held_out} sample(s), so some user needs at least {need} interactions "
+                f"({'a sequential model learns from the ones before' if sequential else 'one left to train on'}); "
+                f"the most any of its {len(counts)} users has is {most} ({sum(counts.values())} interactions in all, "
+                f"after RecBole's filters)")
+    items = dataset.item_num - 1  # row 0 is padding
+    topk = config["topk"] or []
+    if topk and max(topk) > items:
+        raise InputError(f"topk={topk}: the cut-off {max(topk)} is above the {items} items of dataset {name} "
+                         f"({folder}); use cut-offs <= {items}")
+
+
+def fingerprint(config, feature_dir=None) -> str:
+    """sha256 over the names and contents of the dataset's files (``<name>.*`` in its folder and in its
+    feature folder): what a run trained on, whatever the folder is called."""
+    name = config["dataset"]
+    folders = [Path(config["data_path"])] + ([Path(feature_dir)] if feature_dir else [])
+    files = sorted({p.resolve() for folder in folders if folder.is_dir()
+                    for p in folder.glob(f"{name}.*") if p.is_file()}, key=lambda p: p.name)
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(f"{path.name}\0{feature_files.sha256_file(path)}\n".encode())
+    return digest.hexdigest()
