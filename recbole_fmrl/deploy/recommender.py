@@ -121,8 +121,8 @@ class Recommender:
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n_items:
             raise InputError(f"topk={k!r}: need an integer from 1 to the artifact's {n_items} items")
         stages = funnels.parse_funnel(funnel) if funnel else [(self.size, None)]
-        if max(s for s, _ in stages) > self.size or any(s not in self.net.args["sizes"] for s, _ in stages):
-            raise InputError(f"funnel {funnel!r}: stage sizes must be nested sizes {self.net.args['sizes']}")
+        if max(s for s, _ in stages) > self.size or any(s not in self.net.sizes for s, _ in stages):
+            raise InputError(f"funnel {funnel!r}: stage sizes must be nested sizes {self.net.sizes}")
         shortest = min((keep for _, keep in stages if keep is not None), default=None)
         if shortest is not None and shortest < k:
             raise InputError(f"funnel {funnel!r}: its last shortlist keeps {shortest} items, fewer than topk={k}; "
