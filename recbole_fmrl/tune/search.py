@@ -15,13 +15,13 @@ JOB_FILE = "fmrl_job.json"
 def _ray_trial(params, job):
     """The Tune function trainable: Ray's trial folder, checkpoint, GPUs and CPUs -> ``train_trial``."""
     import ray
-    from ray.air import session
-    from ray.air.checkpoint import Checkpoint
+    from ray import tune
 
     warnings.filterwarnings("ignore", category=FutureWarning)
-    trial_dir = session.get_trial_dir()
+    context = tune.get_context()
+    trial_dir = context.get_trial_dir()
     resume_dir = None
-    checkpoint = session.get_checkpoint()
+    checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         resume_dir = checkpoint.to_directory(os.path.join(trial_dir, "fmrl", "resume"))
         # (removed again by train_trial once restored)
@@ -29,10 +29,10 @@ def _ray_trial(params, job):
     node = ray.get_runtime_context().get_node_id()  # which machine ran each epoch (a lost node's trials move)
 
     def report(metrics, folder):
-        session.report(dict(metrics, node_id=node),
-                       checkpoint=Checkpoint.from_directory(str(folder)) if folder else None)
+        tune.report(dict(metrics, node_id=node),
+                    checkpoint=tune.Checkpoint.from_directory(str(folder)) if folder else None)
 
-    threads = session.get_trial_resources().required_resources.get("CPU", 1)
+    threads = context.get_trial_resources().required_resources.get("CPU", 1)
     train_trial(job, params, trial_dir, report, resume_dir=resume_dir, device=ray_device_overrides(),
                 threads=threads)
 
@@ -110,7 +110,7 @@ def init_ray(address=None, num_cpus=None):
 
 def _new_tuner(job, config, metric, mode, verbose, report_every):
     """A fresh Tuner for the job (its settings stored beside the experiment for resume)."""
-    from ray import air, tune
+    from ray import tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     exp_dir = Path(job["storage_path"]) / job["name"]
@@ -124,10 +124,10 @@ def _new_tuner(job, config, metric, mode, verbose, report_every):
             search_alg=BasicVariantGenerator(random_state=job["search_seed"]),
             max_concurrent_trials=job["max_concurrent"], reuse_actors=True,
             trial_dirname_creator=_trial_dirname, trial_name_creator=_trial_dirname),
-        run_config=air.RunConfig(
+        run_config=tune.RunConfig(
             name=job["name"], storage_path=job["storage_path"], verbose=verbose,
-            failure_config=air.FailureConfig(max_failures=job["max_failures"]),
-            checkpoint_config=air.CheckpointConfig(num_to_keep=1),
+            failure_config=tune.FailureConfig(max_failures=job["max_failures"]),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             progress_reporter=_reporter(job, metric, mode, report_every)))
 
 
