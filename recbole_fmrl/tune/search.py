@@ -6,6 +6,7 @@ import warnings
 from pathlib import Path
 
 from recbole_fmrl.environment import forwarded_env
+from recbole_fmrl.errors import InputError
 from recbole_fmrl.tune.report import best_config, config_groups, mean_std, read_best_weights, result_rows, write_outputs
 from recbole_fmrl.tune.space import make_config, ray_param_space, searched_keys, trial_count
 from recbole_fmrl.tune.trial import SCORE, evaluate_checkpoint, ray_device_overrides, train_trial
@@ -91,10 +92,22 @@ def _reporter(job, metric, mode, report_every):
         max_report_frequency=report_every, sort_by_metric=True)  # metric and mode come from TuneConfig
 
 
+MIN_RAY = (2, 50)  # tune.report(metrics, checkpoint=...), tune.get_context(), token authentication
+
+
+def check_ray_version(version):
+    """Refuse a Ray older than ``MIN_RAY`` in one line (plain pip resolves RecBole's ray<=2.6.3 pin)."""
+    found = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
+    if found < MIN_RAY:
+        raise InputError(f"ray {version} is installed; searches need ray >= {MIN_RAY[0]}.{MIN_RAY[1]}: "
+                         f"pip install -U \"ray[tune,serve]>={MIN_RAY[0]}.{MIN_RAY[1]}\" (or set up with ./run.sh)")
+
+
 def init_ray(address=None, num_cpus=None):
     """Attach to a cluster (``address``), or start a local Ray; an already running session is reused."""
     import ray
 
+    check_ray_version(ray.__version__)
     if ray.is_initialized():
         return False
     env = forwarded_env()
