@@ -1,5 +1,6 @@
 """Deploy: export per size, artifact equality with FMRLRec, streaming, funnel, bad artifacts, CLI."""
 import json
+import shutil
 
 import pytest
 import torch
@@ -344,3 +345,23 @@ def test_a_finished_run_leaves_its_per_size_metrics_for_the_manifest(tmp_path):
         metrics = Recommender.load(written[size]).manifest["metrics"]
         assert metrics["test"]["ndcg@10"] == result["size_results"][size]["test"]["ndcg@10"]
         assert metrics["valid"]["recall@10"] == result["size_results"][size]["valid"]["recall@10"]
+
+
+def test_a_version_1_artifact_still_loads_with_the_same_scores(exported, tmp_path):
+    """Artifacts exported before the one network (format 1: table under ``item_table``, the trained d as
+    ``hidden_size``) are upgraded on load, not refused."""
+    net, _, data, written, _ = exported
+    size = SIZES[0]
+    old = tmp_path / f"size-{size}"
+    shutil.copytree(written[size], old)
+    weights = torch.load(old / artifact.WEIGHTS, weights_only=True)
+    state = dict(weights["state_dict"])
+    state["item_table"] = state.pop(artifact.ITEM_TABLE)
+    args = dict(weights["model_args"], hidden_size=SIZES[-1])
+    torch.save({"model_args": args, "state_dict": state}, old / artifact.WEIGHTS)
+    manifest = json.loads((old / artifact.MANIFEST).read_text())
+    manifest.update(format_version=1, files=artifact.file_table(old))
+    (old / artifact.MANIFEST).write_text(json.dumps(manifest))
+    histories = internal_histories(eval_batch(data))
+    expected = Recommender.load(written[size]).scores(histories)
+    assert torch.equal(Recommender.load(old).scores(histories), expected)
