@@ -4,9 +4,9 @@ Times forward+backward (grads wrt hidden and items) and measures peak extra memo
 variant, all in one process on the same inputs (Amazon-Beauty-like shapes by default), and writes
 ``results/loss_bench.md``.
 
-    python benchmarks/bench_loss.py                       # P=2800 N=12101, d=64 and 256
-    python benchmarks/bench_loss.py --chunks 0,256,512    # chunk sweep (0 = auto)
-    python benchmarks/bench_loss.py --rows 0,64,128       # single-pass row-block sweep (0 = auto)
+    python -m benchmarks.bench_loss                       # P=2800 N=12101, d=64 and 256
+    python -m benchmarks.bench_loss --chunks 0,256,512    # chunk sweep (0 = auto)
+    python -m benchmarks.bench_loss --rows 0,64,128       # single-pass row-block sweep (0 = auto)
 
 "single-pass" rows pass ``weights`` (uniform 1/K here) and back-propagate exactly those
 weights, so the gradients computed during the forward are reused (the model's case), with the
@@ -27,10 +27,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from recbole_fmrl import atomic_write  # noqa: E402
-from recbole_fmrl.environment import cpu_name  # noqa: E402
-from recbole_fmrl.model.loss import (  # noqa: E402
+from recbole_fmrl import atomic_write
+from recbole_fmrl.environment import cpu_name
+from recbole_fmrl.model.loss import (
     auto_chunk_size,
     auto_row_block,
     matryoshka_cross_entropy,
@@ -118,7 +117,7 @@ def parse_args():
 
 def header_lines(args):
     return ["# Matryoshka cross-entropy benchmark", "",
-            f"Command: `python {' '.join(sys.argv)}`", "",
+            f"Command: `python -m benchmarks.bench_loss {' '.join(sys.argv[1:])}`", "",
             f"- CPU: {cpu_name()}, {os.cpu_count()} logical cores, "
             f"torch.set_num_threads({args.threads}), subnormals flushed to zero",
             f"- torch {torch.__version__}, capability {torch.backends.cpu.get_cpu_capability()}, float32",

@@ -1,7 +1,7 @@
 """Deploy cost report: export every size of a trained FMRLRec, then measure what serving costs.
 
-    python benchmarks/deploy.py                                   # newest checkpoint under runs/saved/
-    python benchmarks/deploy.py --checkpoint runs/saved/FMRLRec-....pth --output results/deploy-beauty.md \
+    python -m benchmarks.deploy                                   # newest checkpoint under runs/saved/
+    python -m benchmarks.deploy --checkpoint runs/saved/FMRLRec-....pth --output results/deploy-beauty.md \
         --data-path data --dataset amazon-beauty
 
 Writes ``<output>.md``, ``<output>.json`` and plots ``<output>-sizes.png`` / ``-latency.png`` /
@@ -22,13 +22,12 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import torch
+
+from recbole_fmrl.environment import describe_machine, set_numerics, set_offline_defaults
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from recbole_fmrl.environment import describe_machine, set_numerics, set_offline_defaults  # noqa: E402
 
 SPLIT_KEYS = ("load_col", "unused_col", "user_inter_num_interval", "item_inter_num_interval", "val_interval",
               "filter_inter_by_user_or_item", "rm_dup_inter", "eval_args", "MAX_ITEM_LIST_LENGTH", "field_separator",
@@ -61,7 +60,7 @@ def command_line(argv):
     if "--note" in args:
         i = args.index("--note")
         del args[i : i + 2]
-    return shlex.join(["python", "benchmarks/deploy.py"] + args)
+    return shlex.join(["python", "-m", "benchmarks.deploy"] + args)
 
 
 def newest_checkpoint():

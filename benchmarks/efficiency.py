@@ -3,7 +3,7 @@
 Every variant runs in its own subprocess (so peak memory is its own) on the same dataset and
 machine, in one invocation; the report goes to ``results/efficiency.md`` (+ ``.json``).
 
-    python benchmarks/efficiency.py --dataset amazon-beauty --data-path data --hidden-size 256
+    python -m benchmarks.efficiency --dataset amazon-beauty --data-path data --hidden-size 256
 
 Per variant: mean time of a training step (forward, backward, optimizer) over ``--steps`` steps
 after warm-up, steps per epoch, the epoch time (measured with --full-epoch, else steps x step
@@ -18,9 +18,9 @@ import sys
 import time
 from pathlib import Path
 
+from recbole_fmrl.environment import set_offline_defaults
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from recbole_fmrl.environment import set_offline_defaults  # noqa: E402
 
 
 def variants(d):
@@ -237,12 +237,12 @@ def main():
 
 
 def run_variant(args, spec):
-    cmd = [sys.executable, __file__, "--worker", json.dumps(spec), "--dataset", args.dataset,
+    cmd = [sys.executable, "-m", "benchmarks.efficiency", "--worker", json.dumps(spec), "--dataset", args.dataset,
            "--data-path", args.data_path, "--modality", args.modality, "--steps", str(args.steps),
            "--device", args.device, "--threads", str(args.threads), "--output-dir", args.output_dir] + \
           (["--full-epoch"] if args.full_epoch else [])
     set_offline_defaults()  # the child inherits them
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     line = next((out for out in proc.stdout.splitlines() if out.startswith("RESULT ")), None)
     if line is None:
         print(proc.stdout[-2000:], proc.stderr[-4000:])
@@ -261,7 +261,7 @@ def peak_mib(r):
 def report(args, results, sizes, hw, torch_version):
     ok = {k: v for k, v in results.items() if "error" not in v}
     lines = [f"# Efficiency: Matryoshka training on {args.dataset} (d = {args.hidden_size})", "",
-             f"Command: `python benchmarks/efficiency.py {' '.join(sys.argv[1:])}`  ",
+             f"Command: `python -m benchmarks.efficiency {' '.join(sys.argv[1:])}`  ",
              f"Hardware: {hw}; device {args.device}; {args.threads} threads; torch {torch_version}  ",
              f"Date: {time.strftime('%Y-%m-%d %H:%M')}; each variant in its own process, {args.steps} timed steps "
              f"after warm-up, {args.rounds} interleaved round(s), the fastest kept; epoch = "

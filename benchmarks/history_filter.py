@@ -18,7 +18,7 @@ Writes ``results/<dataset>-history-filter.{md,csv}``; each checkpoint's numbers 
 result's checkpoint path are expanded (a result moved by hand may read ``$WORK/...``: set ``WORK`` to
 the benchmark's ``--work-dir``).
 
-    python benchmarks/history_filter.py --dataset amazon-beauty --data-path data
+    python -m benchmarks.history_filter --dataset amazon-beauty --data-path data
 """
 import argparse
 import csv
@@ -31,11 +31,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from recbole_fmrl.atomic_write import write_text as atomic_write_text
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-sys.path.insert(0, str(ROOT))
-
-from recbole_fmrl.atomic_write import write_text as atomic_write_text  # noqa: E402
 
 METRICS = ("ndcg@10", "recall@10")
 CACHE_NAME = "history-filter.json"
@@ -184,7 +183,7 @@ def main(argv=None):
         sys.exit(f"{results_dir / args.dataset / 'runs' / args.tag}: no finished runs")
     stem = results_dir / f"{args.dataset}-history-filter"
     rows = collect(runs, Path(args.data_path).resolve(), args.threads, earlier_numbers(stem.with_suffix(".csv")))
-    command = f"python benchmarks/history_filter.py --dataset {args.dataset} --data-path {args.data_path}"
+    command = f"python -m benchmarks.history_filter --dataset {args.dataset} --data-path {args.data_path}"
     markdown, table = report(args.dataset, rows, command)
     atomic_write_text(stem.with_suffix(".md"), markdown)
     atomic_write_text(stem.with_suffix(".csv"), table)

@@ -8,16 +8,14 @@ are printed beside it. Reading: if the features alone rank the next item poorly,
 items only through a linear projection of them (FMRLRec text) starts from a weaker item table than an
 ID embedding learned from the interactions.
 
-    python benchmarks/probe_text_knn.py --data-path data --dataset amazon-beauty --modality text
+    python -m benchmarks.probe_text_knn --data-path data --dataset amazon-beauty --modality text
 """
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 
 def read_sequences(inter_path):

@@ -6,10 +6,10 @@ time) and metrics (Recall/NDCG@5,10,20,50, full ranking, history not masked), ea
 validation NDCG@10 and tested at its best checkpoint, then writes ``results/<dataset>.md`` and CSVs
 (and the Figure 3 per-size plot from one FMRLRec training).
 
-    python benchmarks/run_benchmark.py --dataset ml-100k-posters --data-path data
-    python benchmarks/run_benchmark.py --dataset amazon-beauty --data-path data \\
+    python -m benchmarks.run_benchmark --dataset ml-100k-posters --data-path data
+    python -m benchmarks.run_benchmark --dataset amazon-beauty --data-path data \\
         --models FMRLRec-text,LRURec,SASRec --max-epochs 30 --seeds 1
-    python benchmarks/run_benchmark.py --dataset amazon-beauty --data-path data --device cuda --seeds 3
+    python -m benchmarks.run_benchmark --dataset amazon-beauty --data-path data --device cuda --seeds 3
 
 Resuming: every finished (row, seed) writes one JSON (atomically) under
 ``results/<dataset>/runs/<tag>/<row>/seed-<seed>.json``; a rerun skips those whose settings key
@@ -45,10 +45,6 @@ import yaml
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 PROPS = ROOT / "properties" / "benchmark"
-if str(HERE) not in sys.path:
-    sys.path.insert(0, str(HERE))
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 SCHEMA = 1
 # Keys that change nothing about the result: left out of the resume key.
@@ -444,7 +440,7 @@ def run_subprocess(job, log_path):
     log_path.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1")  # main() set the offline defaults in os.environ
     with open(log_path, "a") as log:
-        child = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker", str(job_path)],
+        child = subprocess.Popen([sys.executable, "-m", "benchmarks.run_benchmark", "--worker", str(job_path)],
                                  stdout=log, stderr=subprocess.STDOUT, cwd=str(ROOT), env=env)
         _CHILDREN.add(child)
         try:
@@ -613,7 +609,7 @@ def plan(args, argv):
 
     settings["rows"].update(single_size_rows(settings, device_type, overrides_for))
     rows = resolve_rows(args.models, list(settings["rows"]))
-    command = "python benchmarks/run_benchmark.py " + " ".join(shlex.quote(a) for a in argv)
+    command = "python -m benchmarks.run_benchmark " + " ".join(shlex.quote(a) for a in argv)
     budget = args.max_train_minutes * 60 if args.max_train_minutes else None
     jobs, skipped = [], []
     data_id = data_fingerprint(args.data_path, args.dataset) if Path(args.data_path, args.dataset).is_dir() else None
@@ -669,7 +665,7 @@ def main(argv=None):
     from recbole_fmrl.environment import set_offline_defaults
 
     set_offline_defaults()
-    import bench_report
+    from benchmarks import bench_report
 
     settings, jobs, skipped, tag, command = plan(args, argv)
     if args.dry_run:
@@ -703,4 +699,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    if not __package__:  # run as a file: its workers and report library are found as the benchmarks package
+        sys.exit("error: run it as a module from the repository root: python -m benchmarks.run_benchmark ...")
     sys.exit(main())

@@ -1,7 +1,7 @@
 """Cost curves: one FMRLRec training step as the catalog (N items) and the largest size d grow, and
 training samples per second with 1 and 2 processes (torch.distributed, gloo) on this machine.
 
-    python benchmarks/scaling.py                # writes results/scaling.md, .json and scaling.png
+    python -m benchmarks.scaling                # writes results/scaling.md, .json and scaling.png
 
 Every point trains the real model (``FMRLRec`` built from the plugin's Config, learned item-ID table,
 AdamW) on synthetic batches with Amazon Beauty's sequence statistics (mean training sequence ~9
@@ -24,13 +24,12 @@ import json
 import math
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
+from recbole_fmrl.environment import cpu_name, set_offline_defaults
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from recbole_fmrl.environment import cpu_name, set_offline_defaults  # noqa: E402
 
 BEAUTY_ITEMS = 12_101
 MEAN_LENGTH, WINDOW = 9, 50
@@ -298,7 +297,7 @@ def write_report(args, results, ddp, hw, seconds, out):
     n_growth = growth(results, "all sizes", "n_items", {"d": args.catalog_d})
     lines = [
         "# Scaling: step cost as the catalog and d grow; 1 vs 2 processes", "",
-        f"Command: `python benchmarks/scaling.py` ({seconds / 60:.1f} min). Machine: {hw['cpu']}, {hw['cores']} cores, "
+        f"Command: `python -m benchmarks.scaling` ({seconds / 60:.1f} min). Machine: {hw['cpu']}, {hw['cores']} cores, "
         f"{hw['memory_gib']} GiB, no GPU; torch {hw['torch']}, Python {hw['python']}. Load average before: "
         f"{', '.join(f'{x:.1f}' for x in hw['load_before'])}, after: {', '.join(f'{x:.1f}' for x in hw['load_after'])} "
         "(a shared machine: times are upper bounds).", "",

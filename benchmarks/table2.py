@@ -18,8 +18,8 @@ epochs and best epoch), or why it has no result (not run, cannot run, unfinished
 A row run under several tags (cpu, cuda) shows the tag with the most converged seeds, then the best mean
 validation NDCG@10 (never a test number).
 
-    python benchmarks/table2.py                                   # the three datasets of issue 28
-    python benchmarks/table2.py --datasets amazon-beauty --rows 'SASRec*,BSARec,FMRLRec-*'
+    python -m benchmarks.table2                                   # the three datasets of issue 28
+    python -m benchmarks.table2 --datasets amazon-beauty --rows 'SASRec*,BSARec,FMRLRec-*'
 """
 import argparse
 import csv
@@ -28,16 +28,11 @@ import io
 import sys
 from pathlib import Path
 
+from benchmarks import bench_report, run_benchmark
+from recbole_fmrl.atomic_write import write_text
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-for path in (str(HERE), str(ROOT)):
-    if path not in sys.path:
-        sys.path.insert(0, path)
-
-import bench_report  # noqa: E402
-import run_benchmark  # noqa: E402
-
-from recbole_fmrl.atomic_write import write_text  # noqa: E402
 
 DATASETS = ("amazon-beauty", "amazon-toys", "ml-1m-posters")
 # The paper's Table 2 rows and the tuned baselines of issue 28, in table order; --rows adds or replaces.
@@ -184,7 +179,7 @@ def build(results_dir, datasets, row_patterns):
              "full ranking, window 50. *reported*: the fMRLRec paper's numbers (paper protocol) and other papers' on "
              "the same split (history excluded; HR@10 = Recall@10 with one test item). Bold: the best converged "
              "value in its column. Per-dataset details, settings and curves: `results/<dataset>.md` and "
-             "`results/history-excluded/<dataset>.md`. Written by `python benchmarks/table2.py`.", ""]
+             "`results/history-excluded/<dataset>.md`. Written by `python -m benchmarks.table2`.", ""]
     table = []
     for dataset in datasets:
         settings, rows = dataset_rows(dataset, results_dir, row_patterns)

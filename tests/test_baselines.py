@@ -3,7 +3,6 @@ import csv
 import json
 import math
 import os
-import sys
 import threading
 from pathlib import Path
 
@@ -12,15 +11,11 @@ import torch
 from recbole.data.interaction import Interaction
 from torch.nn import functional as F
 
+from benchmarks import run_benchmark
 from recbole_fmrl.model import network as network_module
 from recbole_fmrl.model.fmlprec import FilterLayer, FMLPRec
 from recbole_fmrl.train.driver import prepare, run
 from tests.conftest import write_tiny_dataset
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-if str(BENCHMARKS) not in sys.path:
-    sys.path.insert(0, str(BENCHMARKS))
-import run_benchmark  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -190,6 +185,16 @@ def harness_args(data, tmp_path, models, *extra):
             "--set", "topk=[5,10,20]", *extra]
 
 
+def test_a_run_in_its_own_process_starts_the_worker_as_a_module(tmp_path, tiny_root, monkeypatch):
+    """--isolation subprocess runs ``python -m benchmarks.run_benchmark --worker`` from the repository root."""
+    monkeypatch.chdir(tmp_path)  # the worker must not depend on the caller's directory
+    args = harness_args(tiny_root / "tiny", tmp_path, "GRU4Rec")
+    args[args.index("--isolation") + 1] = "subprocess"
+    assert run_benchmark.main(args) == 0
+    result = json.loads((tmp_path / "results" / "tiny" / "runs" / "cpu" / "GRU4Rec" / "seed-2020.json").read_text())
+    assert result["status"] == "ok" and result["epochs"] == 1 and result["peak_rss_mb"] > 0
+
+
 def test_harness_resumes_without_redoing_finished_rows(tmp_path, monkeypatch, capsys):
     data = write_tiny_dataset(tmp_path / "data", name="tinynoimg", with_image=False)
     args = harness_args(data, tmp_path, "LRURec,FMRLRec-image")
@@ -340,7 +345,7 @@ def test_harness_time_budget_stops_after_an_epoch(tmp_path, tiny_root):
 
 
 def test_report_counts_a_budget_stop_after_patience_ran_out_as_converged():
-    import bench_report
+    from benchmarks import bench_report
 
     run = {"stopped_by": "time budget", "epochs": 23, "best_epoch": 12, "resolved": {"stopping_step": 10}}
     assert bench_report.converged(run)  # 11 epochs without a gain: early stopping would have ended it here
@@ -375,7 +380,7 @@ def test_harness_resumes_an_interrupted_row_from_its_last_epoch(tmp_path, tiny_r
     unfinished = json.loads((runs_dir / "seed-2020.progress.json").read_text())
     assert unfinished["status"] == "unfinished" and unfinished["epochs"] == 2
     assert unfinished["valid_curve"] == whole["valid_curve"][:2]  # the curve so far, for the report
-    import bench_report
+    from benchmarks import bench_report
 
     settings = run_benchmark.load_settings("tiny")
     bench_report.write_report("tiny", tmp_path / "cut" / "results", settings)
@@ -426,7 +431,7 @@ def test_harness_largest_size_validation_matches_the_per_size_trainer(tiny_confi
 
 
 def test_history_filter_retests_kept_checkpoints_and_reproduces_the_reported_test(tmp_path, tiny_root, capsys):
-    import history_filter
+    from benchmarks import history_filter
 
     args = harness_args(tiny_root / "tiny", tmp_path, "LRURec,FMRLRec-text", "--keep-checkpoints",
                         "--max-epochs", "2")

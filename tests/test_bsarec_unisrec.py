@@ -241,19 +241,15 @@ def test_learns_beyond_popularity_and_reloads_to_the_same_metrics(tiny_config, m
 
 def test_harness_rows_run_and_report_their_settings(tmp_path, tiny_root):
     import json
-    import sys
-    from pathlib import Path
 
-    benchmarks = Path(__file__).resolve().parents[1] / "benchmarks"
-    sys.path.insert(0, str(benchmarks))
-    import run_benchmark
+    from benchmarks import run_benchmark
 
     args = ["--dataset", "tiny", "--data-path", str(tiny_root), "--models", "BSARec,UniSRec", "--max-epochs", "1",
             "--results-dir", str(tmp_path / "results"), "--work-dir", str(tmp_path / "work"), "--isolation", "inprocess",
             "--set", "state=ERROR", "--set", "hidden_size=16", "--set", "inner_size=32", "--set", "n_heads=2",
             "--set", "MAX_ITEM_LIST_LENGTH=20", "--set", "topk=[5,10,20]"]
     assert run_benchmark.main(args) == 0
-    import bench_report
+    from benchmarks import bench_report
 
     results = {row: json.loads((tmp_path / "results" / "tiny" / "runs" / "cpu" / row / "seed-2020.json").read_text())
                for row in ("BSARec", "UniSRec")}

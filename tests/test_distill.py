@@ -88,11 +88,8 @@ def test_model_loss_adds_the_weighted_divergence(tiny_config):
 
 
 def test_report_names_the_distillation():
-    import sys
-    from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import bench_report
+    from benchmarks import bench_report
 
     run = {"model": "FMRLRec", "config": {}, "resolved": {"hidden_size": 256, "n_layers": 1, "fmrl_modality": "text",
                                                           "fmrl_distill_weight": 1.0, "fmrl_distill_rows": 128}}

@@ -349,13 +349,7 @@ def test_choose_path_cpu_and_cuda():
 def test_efficiency_flop_counter_sees_the_fused_loss_gemms():
     """benchmarks/efficiency.py's FLOP bound: the single-pass loss (forward + backward) is 3 GEMMs
     of plain CE's size plus the per-block shift columns; torch's own counter misses addmm_."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "efficiency.py"
-    spec = importlib.util.spec_from_file_location("efficiency_bench", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    from benchmarks import efficiency as bench
     P, N, sizes = 48, 300, (8, 16, 32)
     hidden, items, labels = _inputs(P, N, 32, torch.float64)
     hidden.requires_grad_(True)

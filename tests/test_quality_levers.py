@@ -3,24 +3,17 @@ nested-vs-independent report, on the tiny dataset and synthetic benchmark result
 import csv
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from torch.nn import functional as F
 
+from benchmarks import bench_report, run_benchmark
 from recbole_fmrl.data.modality import has_id_table, modality_parts
 from recbole_fmrl.errors import InputError
 from recbole_fmrl.train.driver import prepare, run
 from recbole_fmrl.train.trainer import select_score
 from tests.conftest import write_tiny_dataset
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-if str(BENCHMARKS) not in sys.path:
-    sys.path.insert(0, str(BENCHMARKS))
-import bench_report  # noqa: E402
-import run_benchmark  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -195,7 +188,7 @@ def fake_result(row, seed, test, valid, sizes=None, params=1000):
         str(m): {"params": 100 * m, "test": metrics(t), "valid": metrics(v)} for m, (t, v) in sizes.items()}
     env = {"device": "cpu", "cpu": "test cpu", "gpu": None, "torch": "x", "recbole": "1.2.1"}
     return {"schema": 1, "status": "ok", "row": row, "model": "FMRLRec", "dataset": "toy", "seed": seed, "tag": "cpu",
-            "key": "k", "command": "python benchmarks/run_benchmark.py --dataset toy", "config": {}, "resolved": {},
+            "key": "k", "command": "python -m benchmarks.run_benchmark --dataset toy", "config": {}, "resolved": {},
             "test": metrics(test), "valid": metrics(valid),
             "size_results": size_results, "params": params, "epochs": 12, "best_epoch": 7, "stopped_by": "early stopping",
             "valid_curve": [valid], "train_epoch_seconds": 1.0, "valid_epoch_seconds": 0.1, "wall_seconds": 20.0,
@@ -219,7 +212,7 @@ def test_nested_vs_independent_report_on_synthetic_results(tmp_path):
     progress = tmp_path / "toy" / "runs" / "cpu" / "FMRLRec-text-single-16" / "seed-1.progress.json"
     progress.parent.mkdir(parents=True)
     progress.write_text(json.dumps({"status": "unfinished", "row": "FMRLRec-text-single-16", "seed": 1, "epochs": 9,
-                                    "command": "python benchmarks/run_benchmark.py --dataset toy --models single",
+                                    "command": "python -m benchmarks.run_benchmark --dataset toy --models single",
                                     "best_epoch": 8, "best_valid": 0.03, "valid_curve": [0.01] * 7 + [0.03, 0.02]}))
     settings = run_benchmark.load_settings("toy")  # no toy.yaml: rows.yaml and common.yaml only
     written = bench_report.write_report("toy", tmp_path, settings)

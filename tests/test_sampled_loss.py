@@ -98,11 +98,8 @@ def test_models_train_with_sampled_negatives(tiny_config, model):
 
 
 def test_report_names_the_sampled_softmax():
-    import sys
-    from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import bench_report
+    from benchmarks import bench_report
 
     run = {"model": "SASRecAP", "config": {"fmrl_train_negatives": 256},
            "resolved": {"hidden_size": 64, "n_layers": 1, "fmrl_train_objective": "all_positions"}}

@@ -1,8 +1,6 @@
 """Learning-rate warm-up and cosine decay (``fmrl_lr_warmup_steps``, ``fmrl_lr_decay_epochs``)."""
 import importlib
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,8 +11,7 @@ from recbole_fmrl.train.schedule import WarmupCosine, attach_schedule, schedule_
 
 
 def benchmarks_module(name):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    return importlib.import_module(name)
+    return importlib.import_module(f"benchmarks.{name}")
 
 
 def reference_factor(step, warmup, total):

@@ -1,17 +1,11 @@
 """benchmarks/table2.py: both protocols' real harness results side by side, reported numbers, how rows stopped."""
 import csv
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-if str(BENCHMARKS) not in sys.path:
-    sys.path.insert(0, str(BENCHMARKS))
-import run_benchmark  # noqa: E402
-import table2  # noqa: E402
+from benchmarks import run_benchmark, table2
 
 
 @pytest.fixture(autouse=True)
