@@ -157,6 +157,9 @@ def read_header(path: Path, config) -> list:
             head = fh.readline().rstrip("\r\n")
     except UnicodeDecodeError as err:
         raise InputError(f"{path}: header is not {config['encoding']} ({err.reason} at byte {err.start})") from None
+    if head.startswith("\ufeff"):  # RecBole would read it as part of the first column's name
+        raise InputError(f"{path}: starts with a byte-order mark, which RecBole reads as part of the first column "
+                         f"name; save the file without it (UTF-8 without BOM)")
     columns = []
     for cell in head.split(config["field_separator"]):
         field, sep, ftype = cell.partition(":")
