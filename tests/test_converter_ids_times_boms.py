@@ -289,3 +289,32 @@ def test_features_on_a_header_only_item_file_is_refused(tmp_path, capsys):
     assert code == 2
     assert err == [f"error: {folder / 'h.item'}: no item rows (only a header): nothing to build features for"]
     assert snapshot(folder) == before
+
+
+def test_a_converted_dataset_too_small_to_split_is_refused_before_training(tmp_path, capsys):
+    """Every user has 2 reviews: the conversion succeeds, training refuses with the reason (before: an
+    IndexError for a one-interaction dataset). Nothing is written: no checkpoint, the dataset unchanged."""
+    import run_recbole_fmrl
+
+    inp = tmp_path / "in"
+    inp.mkdir()
+    rows = [{"reviewerID": f"U{u}", "asin": f"B{(u + k) % 12}", "unixReviewTime": 1_400_000_000 + k}
+            for u in range(10) for k in range(2)]
+    (inp / "reviews_Cat_5.json").write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    with gzip.open(inp / "meta_Cat.json.gz", "wt", encoding="utf-8") as fh:
+        fh.write("\n".join(repr({"asin": f"B{k}", "title": f"Item {k}"}) for k in range(12)) + "\n")
+    code, err = convert(capsys, "amazon", inp, tmp_path / "data")
+    assert code == 0 and err == []
+    before = snapshot(tmp_path / "data")
+    with pytest.raises(SystemExit) as exit_info:
+        run_recbole_fmrl.main(["--model", "BPR", "--dataset", "x", f"data_path={tmp_path / 'data'}",
+                               f"fmrl_output_dir={tmp_path / 'runs'}", "use_gpu=False", "topk=[5]",
+                               "valid_metric=NDCG@5", "epochs=1", "state=ERROR"])
+    assert exit_info.value.code == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    folder = (tmp_path / "data" / "x").resolve()
+    assert err == [f"error: dataset x ({folder}) is too small to split: eval_args split LS valid_and_test holds out "
+                   f"each user's last 2 sample(s), so some user needs at least 3 interactions (one left to train "
+                   f"on); the most any of its 10 users has is 2 (20 interactions in all, after RecBole's filters) "
+                   f"(--debug shows the traceback)"]
+    assert snapshot(tmp_path / "data") == before and not (tmp_path / "runs" / "saved").exists()
