@@ -57,6 +57,9 @@ class Recommender:
 
     def at_size(self, size):
         """The same artifact serving its nested size ``size`` (shares the weights)."""
+        sizes = self.net.args["sizes"]
+        if size not in sizes:  # a user's --size: one line, not the runtime's ValueError
+            raise InputError(f"size {size}: not a nested size of {self.folder} (its sizes: {sizes})")
         net = self.net.truncate(size)
         return Recommender(net, {"item_ids": self.item_ids, "titles": self.titles}, self.manifest, self.folder)
 
