@@ -24,8 +24,10 @@ setup(
         "numpy>=1.26,<2",
         "pandas>=2,<3",  # pandas 3 silently breaks RecBole's fillna
         "pyarrow<26",
-        "setuptools<81",  # ray 2.6.3 imports pkg_resources
-        "ray[tune]<=2.6.3",
+        "setuptools<81",  # pkg_resources (gone in 81) stays importable for tools that still use it
+        # Ray >= 2.50 with Tune and Serve (overrides.txt). RecBole 1.2.1 pins ray<=2.6.3, so a bound here would
+        # make pip refuse the install: uv's --override lifts the pin (run.sh), pip users upgrade Ray after (README).
+        "ray[tune,serve]",  # >= 2.50, see overrides.txt
         "tqdm",
         "pyyaml",
         "matplotlib",

@@ -263,7 +263,7 @@ def test_eval_item_table_follows_parameter_changes(prepared):
     before = net.full_sort_predict(batch)
     assert torch.equal(net.full_sort_predict(batch), before)  # cached while nothing changes
     with torch.no_grad():
-        net.item_encoder.proj.weight.mul_(-1.5)  # an in-place edit in eval mode
+        net.network.item_encoder.proj.weight.mul_(-1.5)  # an in-place edit in eval mode
     after = net.full_sort_predict(batch)
     fresh = type(net)(config, train_data._dataset)
     fresh.load_state_dict(net.state_dict())

@@ -12,7 +12,7 @@ import torch
 from recbole.data.interaction import Interaction
 from torch.nn import functional as F
 
-from recbole_fmrl.model import fmrlrec as fmrlrec_module
+from recbole_fmrl.model import network as network_module
 from recbole_fmrl.model.fmlprec import FilterLayer, FMLPRec
 from recbole_fmrl.train.driver import prepare, run
 from tests.conftest import write_tiny_dataset
@@ -98,7 +98,7 @@ def test_lrurec_settings_shapes_and_loss(tiny_config, objective):
     assert len(net.blocks) == 2 and net.item_bias.shape == (net.n_items,)
     for block in net.blocks:
         lru = block.lru
-        assert type(lru) is fmrlrec_module.LRULayer  # the very layer FMRLRec uses
+        assert type(lru) is network_module.LRULayer  # the very layer FMRLRec's network uses
         assert lru.state_size == 32 and lru.sizes == [16]
         radius = torch.exp(lru.log_lambda()[0])
         assert radius.min() >= 0.8 - 1e-5 and radius.max() <= 0.99 + 1e-5

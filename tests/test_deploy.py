@@ -1,5 +1,6 @@
 """Deploy: export per size, artifact equality with FMRLRec, streaming, funnel, bad artifacts, CLI."""
 import json
+import shutil
 
 import pytest
 import torch
@@ -88,7 +89,7 @@ def test_artifact_holds_only_the_size_m_weights_and_loads_weights_only(exported)
     n_items = net.n_items
     for key, value in weights["state_dict"].items():
         assert max(value.shape) <= max(2 * 8, n_items), key  # ffn_ratio 2: widest nested dim is 16
-    assert weights["state_dict"]["item_table"].shape == (n_items, 8)
+    assert weights["state_dict"][artifact.ITEM_TABLE].shape == (n_items, 8)
     assert not any("proj" in k or "embedding" in k or "features" in k for k in weights["state_dict"])
     manifest = json.loads((folder / artifact.MANIFEST).read_text())
     assert manifest["format_version"] == artifact.FORMAT_VERSION and manifest["dataset"] == "tinyt"
@@ -129,8 +130,8 @@ def test_streaming_equals_the_parallel_forward_also_past_the_window(exported, dt
         window, window_scores = rec.step(window, event)
         seq = torch.tensor([ids[: t + 1]])
         with torch.no_grad():
-            parallel_full = rec.net.scores(rec.net(seq, torch.tensor([t + 1])))[0]  # untruncated history
-            parallel_window = rec.net.scores(rec.net(seq[:, -WINDOW:], torch.tensor([min(t + 1, WINDOW)])))[0]
+            parallel_full = rec.net.scores(rec.net.infer(seq, torch.tensor([t + 1])))[0]  # untruncated history
+            parallel_window = rec.net.scores(rec.net.infer(seq[:, -WINDOW:], torch.tensor([min(t + 1, WINDOW)])))[0]
         assert (full_scores - parallel_full).abs().max() <= tol
         assert (window_scores - parallel_window).abs().max() <= tol
     assert (rec.scores([ids], context="full")[0] - full_scores).abs().max() <= tol
@@ -144,12 +145,13 @@ def test_recurrent_batch_equals_parallel_with_ragged_lengths(exported):
     lengths = torch.tensor([1, 7, 45, 30])
     items = torch.randint(1, 31, (4, 45)) * (torch.arange(45)[None] < lengths[:, None])
     with torch.no_grad():
-        parallel = net(items, lengths)
+        parallel = net.infer(items, lengths)
         assert (run_recurrent(net, items, lengths) - parallel).abs().max() <= 1e-10
-        for block in net.blocks:  # the ONNX graph's every-position scan: a causal Toeplitz product
-            block.toeplitz = True
-        assert (net(items, lengths) - parallel).abs().max() <= 1e-10
-        assert (net(items[:, :10], lengths.clamp(max=10)) - run_recurrent(net, items[:, :10], lengths.clamp(max=10))).abs().max() <= 1e-10
+        assert (net(items, lengths) - parallel).abs().max() <= 1e-10  # the packed training schedule
+        # the ONNX graph's every-position scan: a causal Toeplitz product
+        assert (net.infer(items, lengths, toeplitz=True) - parallel).abs().max() <= 1e-10
+        short = items[:, :10], lengths.clamp(max=10)
+        assert (net.infer(*short, toeplitz=True) - run_recurrent(net, *short)).abs().max() <= 1e-10
 
 
 def brute_force_funnel(rec, histories, stages, k, excluded):
@@ -172,7 +174,7 @@ def test_funnel_matches_a_brute_force_cascade(exported):
     for spec, k in [("8:20,32", 5), ("8:25,16:12,32", 10), ("16:3,32", 5)]:
         stages = parse_funnel(spec)
         excluded = rec.excluded(histories, exclude_seen=True)
-        ids, scores = funnel_topk(rec.hidden(histories), rec.net.item_table, stages, k, excluded)
+        ids, scores = funnel_topk(rec.hidden(histories), rec.net.item_table(), stages, k, excluded)
         for row, (ref_ids, ref_scores) in enumerate(brute_force_funnel(rec, histories, stages, k, excluded)):
             assert ids[row].tolist() == ref_ids
             assert torch.allclose(scores[row], torch.tensor(ref_scores, dtype=scores.dtype), atol=1e-10)
@@ -319,7 +321,7 @@ def test_command_line_error_is_one_line_with_a_failing_status(exported, tmp_path
 def test_checkpoint_carries_what_export_needs(exported):
     net, ckpt, _, _, _ = exported
     info = torch.load(ckpt, weights_only=True)["export"]
-    assert info["model_args"] == net.model_args() and info["dataset"] == "tinyt"
+    assert info["model_args"] == net.args.to_dict() and info["dataset"] == "tinyt"
     assert info["item_tokens"][0] == "[PAD]" and len(info["item_tokens"]) == net.n_items
     assert info["item_titles"][1] == f"Item number {int(info['item_tokens'][1]) - 100}"
     parts = [p for p in net.modality.split("_") if p != "id"]
@@ -343,3 +345,23 @@ def test_a_finished_run_leaves_its_per_size_metrics_for_the_manifest(tmp_path):
         metrics = Recommender.load(written[size]).manifest["metrics"]
         assert metrics["test"]["ndcg@10"] == result["size_results"][size]["test"]["ndcg@10"]
         assert metrics["valid"]["recall@10"] == result["size_results"][size]["valid"]["recall@10"]
+
+
+def test_a_version_1_artifact_still_loads_with_the_same_scores(exported, tmp_path):
+    """Artifacts exported before the one network (format 1: table under ``item_table``, the trained d as
+    ``hidden_size``) are upgraded on load, not refused."""
+    net, _, data, written, _ = exported
+    size = SIZES[0]
+    old = tmp_path / f"size-{size}"
+    shutil.copytree(written[size], old)
+    weights = torch.load(old / artifact.WEIGHTS, weights_only=True)
+    state = dict(weights["state_dict"])
+    state["item_table"] = state.pop(artifact.ITEM_TABLE)
+    args = dict(weights["model_args"], hidden_size=SIZES[-1])
+    torch.save({"model_args": args, "state_dict": state}, old / artifact.WEIGHTS)
+    manifest = json.loads((old / artifact.MANIFEST).read_text())
+    manifest.update(format_version=1, files=artifact.file_table(old))
+    (old / artifact.MANIFEST).write_text(json.dumps(manifest))
+    histories = internal_histories(eval_batch(data))
+    expected = Recommender.load(written[size]).scores(histories)
+    assert torch.equal(Recommender.load(old).scores(histories), expected)

@@ -78,7 +78,7 @@ def test_model_loss_adds_the_weighted_divergence(tiny_config):
     batch = next(iter(train))
     base, extra = torch.stack(plain.calculate_loss(batch)), torch.stack(distilled.calculate_loss(batch))
     table = plain.item_table()
-    x, packing = plain.encode(batch[plain.ITEM_SEQ], batch[plain.ITEM_SEQ_LEN], table)
+    x, packing = plain.network.encode(batch[plain.ITEM_SEQ], batch[plain.ITEM_SEQ_LEN], table)
     from recbole_fmrl.model.labels import labelled_states
 
     hidden, _ = labelled_states(plain, batch, x, x[packing.last], packing.gather)

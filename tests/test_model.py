@@ -31,10 +31,16 @@ def test_every_size_equals_its_sliced_submodel(tiny_config, modality):
     interaction = eval_batch(data)
     with torch.no_grad():
         scores = net.full_sort_predict_sizes(interaction)  # [K B N+1]
+        items, lengths = interaction["item_id_list"], interaction["item_length"]
         for k, m in enumerate(net.sizes):
-            small = net.submodel(m).double().eval()
-            assert small.hidden_size == m and small.sizes == net.sizes[: k + 1]
-            torch.testing.assert_close(small.full_sort_predict(interaction), scores[k], rtol=1e-9, atol=1e-9)
+            small = net.submodel(m).double().eval()  # the plain-torch size-m network
+            assert small.args.hidden_size == m and small.sizes == net.sizes[: k + 1]
+            torch.testing.assert_close(small.scores(small(items, lengths)), scores[k], rtol=1e-9, atol=1e-9)
+            # its inference form (folded weights, recurrent and last-position scans) and its frozen export form
+            torch.testing.assert_close(small.scores(small.infer(items, lengths)), scores[k], rtol=1e-9, atol=1e-9)
+            frozen = small.frozen()
+            torch.testing.assert_close(frozen.scores(frozen.infer(items, lengths, toeplitz=True)), scores[k],
+                                       rtol=1e-9, atol=1e-9)
 
 
 def test_loss_with_one_size_equals_plain_cross_entropy(tiny_config):
@@ -43,7 +49,7 @@ def test_loss_with_one_size_equals_plain_cross_entropy(tiny_config):
     batch = next(iter(data[0]))
     (loss,) = net.calculate_loss(batch)
     hidden = net.forward(batch["item_id_list"], batch["item_length"])
-    table = net.item_encoder()
+    table = net.network.item_encoder()
     ref = F.cross_entropy(hidden @ table[1:].T, batch["item_id"] - 1)
     torch.testing.assert_close(loss, ref)
 
@@ -54,12 +60,12 @@ def test_all_positions_loss_averages_over_labelled_positions(tiny_config, scan):
                             fmrl_size_weights=[1.0, 3.0], fmrl_scan=scan)
     batch = next(iter(data[0]))
     losses = net.calculate_loss(batch)
-    table = net.item_encoder()
+    table = net.network.item_encoder()
     targets = batch["item_id_target_list"]
     mask = targets > 0
     # reference: the dense [B L d] path, every padded slot computed, then the labelled ones picked
     x = table[batch["item_id_list"]]
-    for block in net.blocks:
+    for block in net.network.blocks:
         x = block(x.flatten(0, 1), Packing.full(*x.shape[:2])).view(x.shape)
     out = x
     for k, m in enumerate(net.sizes):
@@ -96,7 +102,7 @@ def test_windows_keep_every_training_interaction(tiny_config):
 def test_features_align_to_recbole_ids(tiny_config):
     _, net, _, data = build(tiny_config, fmrl_modality="text_image", fmrl_feature_norm="none")
     ds = data[0]._dataset
-    feats = net.item_encoder.features
+    feats = net.network.item_encoder.features
     tokens = ds.field2id_token["item_id"]
     assert feats.shape[0] == len(tokens) and torch.all(feats[0] == 0)
     for i in range(1, len(tokens)):
@@ -107,7 +113,7 @@ def test_features_align_to_recbole_ids(tiny_config):
 def test_standardized_features_match_a_numpy_reference(tiny_config):
     _, raw_net, _, _ = build(tiny_config, fmrl_modality="text_image", fmrl_feature_norm="none")
     _, net, _, _ = build(tiny_config, fmrl_modality="text_image", fmrl_feature_norm="standardize")
-    raw, feats = raw_net.item_encoder.features.double(), net.item_encoder.features.double()
+    raw, feats = raw_net.network.item_encoder.features.double(), net.network.item_encoder.features.double()
     for cols in (slice(0, 12), slice(12, None)):  # each modality on its own
         real = raw[1:, cols].numpy()
         std = real.std(axis=0)
@@ -219,11 +225,11 @@ def test_prepare_sets_flush_denormal_from_config(tiny_config):
 def test_default_feature_norm_is_whiten(tiny_config):
     _, raw_net, _, _ = build(tiny_config, fmrl_modality="text", fmrl_feature_norm="none")
     _, net, _, _ = build(tiny_config, fmrl_modality="text")  # the YAML default
-    raw = raw_net.item_encoder.features[1:].numpy()
+    raw = raw_net.network.item_encoder.features[1:].numpy()
     mask = np.ones(len(raw) + 1, dtype=bool)
     mask[0] = False
     expected = feature_files.normalize(np.concatenate([np.zeros((1, raw.shape[1]), np.float32), raw]), mask, "whiten")
-    np.testing.assert_allclose(net.item_encoder.features.numpy(), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(net.network.item_encoder.features.numpy(), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_center_removes_the_mean_and_keeps_unit_mean_row_norm():

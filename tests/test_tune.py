@@ -324,3 +324,15 @@ def test_search_over_seeds_selects_on_the_mean_and_tests_every_seed(ray_session,
     md = open(summary["results_md"]).read()
     assert "Configurations, sorted by their mean validation ndcg@10" in md and "| 2 of 2 |" in md
     assert "| test, seed 5 |" in md and "| test, seed 6 |" in md
+
+
+def test_an_old_ray_is_refused_in_one_line():
+    from recbole_fmrl.errors import InputError
+
+    with pytest.raises(InputError, match=r'^ray 2\.6\.3 is installed; searches need ray >= 2\.50: pip install -U "ray\[tune,serve\]>=2\.50"'):
+        tune_search.check_ray_version("2.6.3")
+    tune_search.check_ray_version("2.50.0")
+    tune_search.check_ray_version("3.0.0.dev0")
+    import ray
+
+    tune_search.check_ray_version(ray.__version__)  # the set-up's Ray passes

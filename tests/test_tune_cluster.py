@@ -4,7 +4,9 @@ A head node and a worker node (``ray.cluster_utils.Cluster``: separate raylets, 
 worker processes, one CPU each) run a 2-trial grid attached through ``address=``, with the experiment
 on a storage path both nodes see (on a real cluster: NFS or s3://). When the trial on the worker node
 has reported (and checkpointed) an epoch, the worker node is killed: its trial fails with the node, is
-retried from its last checkpoint on the surviving head node, and the search finishes.
+retried from its last checkpoint on the surviving head node, and the search finishes. The cluster runs
+with Ray's token authentication on (``RAY_AUTH_MODE=token``, the token in a file every node and the
+driver read through ``RAY_AUTH_TOKEN_PATH``); a driver holding another token is refused.
 
 The scenario runs in its own Python process: Ray's driver state is process-wide (the search tests in
 test_tune.py start and stop their own local Ray), and a driver whose node is lost exits its process.
@@ -12,6 +14,7 @@ test_tune.py start and stop their own local Ray), and a driver whose node is los
 import contextlib
 import json
 import os
+import secrets
 import subprocess
 import sys
 import threading
@@ -96,7 +99,8 @@ def run_scenario(tmp_path):
         killer.start()
         summary = tune_search.run_search(job, address=cluster.address, verbose=0, evaluate_test=True)
         killer.join(timeout=1)
-    out = {"killed": killed, "status": [r["status"] for r in summary["rows"]], "end": [r["end"] for r in summary["rows"]],
+        refused = _refused_without_the_token(cluster.address)
+    out = {"refused": refused, "killed": killed, "status": [r["status"] for r in summary["rows"]], "end": [r["end"] for r in summary["rows"]],
            "selected_test": sorted((summary["selected"] or {}).get("test", {}))}
     if killed:
         lost = _progress(shared / "two-nodes" / killed["trial"])
@@ -105,13 +109,31 @@ def run_scenario(tmp_path):
     return out
 
 
+def _token_env(token_file):
+    """The environment of a process that authenticates with the token in ``token_file`` (Ray >= 2.50)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    return {**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file)}
+
+
+def _refused_without_the_token(address):
+    """A driver holding another token cannot attach to the cluster (token authentication is on)."""
+    code = "import ray, sys; ray.init(address=sys.argv[1]); print('attached')"
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")},
+           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    done = subprocess.run([sys.executable, "-c", code, address], env=env, capture_output=True, text=True, timeout=180)
+    return done.returncode != 0 and "attached" not in done.stdout
+
+
 def test_search_on_two_nodes_survives_losing_one(tmp_path):
     here = Path(__file__).resolve().parent
+    token = tmp_path / "auth_token"  # the cluster's token, as a worker node would get it (docs/tuning.md)
+    token.write_text(secrets.token_hex(32))
     done = subprocess.run([sys.executable, str(Path(__file__).resolve()), str(tmp_path), str(tmp_path / "out.json")],
-                          cwd=here, env={**os.environ, "PYTHONPATH": str(here)}, capture_output=True, text=True,
-                          timeout=900)
+                          cwd=here, env={**_token_env(token), "PYTHONPATH": str(here)}, capture_output=True,
+                          text=True, timeout=900)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     result = json.loads((tmp_path / "out.json").read_text())
+    assert result["refused"], "a driver with another token attached: token authentication is off"
     assert result["killed"], "the worker node was never removed while its trial ran"
     assert result["status"] == ["TERMINATED", "TERMINATED"]
     assert all(end == "max_epochs" for end in result["end"])

@@ -1,6 +1,7 @@
 """Deploy anywhere: export nested sizes as standalone artifacts, recommend, stream, funnel (issue 12).
 
-Serving (``Recommender``, ``runtime``, ``streaming``, ``funnel``) needs only torch; ``export_sizes``
+Serving (``Recommender``, ``streaming``, ``funnel``) runs the plain-torch network of
+``recbole_fmrl.model.network`` and needs only torch; ``export_sizes``
 reads a training checkpoint (and the frozen feature files it names), never RecBole.
 """
 from recbole_fmrl.deploy.export import export_sizes

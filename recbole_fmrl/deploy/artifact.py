@@ -2,8 +2,9 @@
 
     manifest.json   format name/version, size, sha256 + bytes of every other file, parameter
                     counts, dataset, git commit, per-size metrics when known, model_args
-    model.pt        {"model_args": {...}, "state_dict": {...}}: the size-m network and its
-                    projected item table [N+1, m] (``torch.load(weights_only=True)``)
+    model.pt        {"model_args": {...}, "state_dict": {...}}: ``ModelArgs`` values and the weights of
+                    the frozen size-m ``FMRLNet`` (model/network.py), its projected item table [N+1, m]
+                    under ``item_encoder.table`` (``torch.load(weights_only=True)``)
     items.json      raw item ids in internal-id order (row 0 is padding) and titles (or null)
     model.onnx      optional: the same network for onnxruntime
 
@@ -14,6 +15,9 @@ it did not write: an existing target that is not an artifact (or an artifact hol
 manifest does not list) is refused naming the path, and an artifact is replaced only with
 ``force``. Reading verifies the format version and the sha256 of every file the manifest lists;
 every problem is an ``ArtifactError`` with a one-line message naming the file.
+
+Version 1 (before the network had one implementation) stored the table as ``item_table`` and the
+trained model's d as ``hidden_size``; ``read`` upgrades it on load.
 """
 import contextlib
 import hashlib
@@ -30,7 +34,10 @@ import torch
 from recbole_fmrl.errors import InputError
 
 FORMAT = "recbole_fmrl-artifact"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+ITEM_TABLE = "item_encoder.table"  # the projected item table [N+1 m] in model.pt's state_dict
+REEXPORT = "recbole-fmrl export --checkpoint RUN.pth --output DIR"
 MANIFEST, WEIGHTS, ITEMS, ONNX = "manifest.json", "model.pt", "items.json", "model.onnx"
 STAGING = re.compile(r"^\.(?P<target>.+?)\.(?P<host>[A-Za-z0-9-]+)\.(?P<pid>\d+)\.[^.]+\.(?P<kind>tmp|old)$")
 
@@ -163,10 +170,20 @@ def read_manifest(folder):
         raise ArtifactError(f"{path}: damaged manifest (not valid JSON: {str(err).splitlines()[0]})") from err
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ArtifactError(f"{path}: not a {FORMAT} manifest")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ArtifactError(f"{path}: unknown format version {manifest.get('format_version')!r} "
-                            f"(this recbole_fmrl reads version {FORMAT_VERSION})")
+    if manifest.get("format_version") not in READABLE_VERSIONS:
+        raise ArtifactError(f"{path}: unknown format version {manifest.get('format_version')!r} (this recbole_fmrl "
+                            f"reads versions {', '.join(map(str, READABLE_VERSIONS))}; re-export it: {REEXPORT})")
     return manifest
+
+
+def upgrade(manifest, weights):
+    """model.pt of an older format version as the current one reads it."""
+    if manifest["format_version"] == 1:
+        state = dict(weights["state_dict"])
+        state[ITEM_TABLE] = state.pop("item_table")
+        args = dict(weights["model_args"], hidden_size=weights["model_args"]["sizes"][-1])
+        weights = {"model_args": args, "state_dict": state}
+    return weights
 
 
 def verify(folder, manifest, names=None):
@@ -191,7 +208,7 @@ def read(folder):
             raise ArtifactError(f"{Path(folder) / MANIFEST}: does not list {name}")
     verify(folder, manifest, names={WEIGHTS, ITEMS})
     try:
-        weights = torch.load(Path(folder) / WEIGHTS, map_location="cpu", weights_only=True)
+        weights = upgrade(manifest, torch.load(Path(folder) / WEIGHTS, map_location="cpu", weights_only=True))
         items = json.loads((Path(folder) / ITEMS).read_text(encoding="utf-8"))
     except Exception as err:  # verified bytes that still do not load: a writer bug, say so plainly
         raise ArtifactError(f"{folder}: cannot load ({type(err).__name__}: {str(err).splitlines()[0]})") from err

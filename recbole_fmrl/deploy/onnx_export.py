@@ -3,8 +3,9 @@
 The graph maps right-padded internal ids ``items`` [B, L] (int64) and ``lengths`` [B] (int64) to
 ``scores`` [B, N+1] (float32); B and L are dynamic. The whole size-m forward exports: the LRU runs
 on real/imaginary pairs (ONNX has no complex tensors) with its Toeplitz kernel built inside the
-graph from the stored log-parameters. The streaming step is not exported (it is a few GEMVs; a
-serving stack that wants it in ONNX can export ``ServingBlock.step`` the same way).
+graph from the stored log-parameters: the network's ``infer`` with ``toeplitz=True`` (a recurrence
+would unroll to the traced length). The streaming step is not exported (it is a few GEMVs; a serving
+stack that wants it in ONNX can export ``FMRLBlock.step`` the same way).
 """
 import io
 import warnings
@@ -13,8 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from recbole_fmrl.deploy.runtime import ServingNet
 from recbole_fmrl.errors import InputError
+from recbole_fmrl.model.network import FMRLNet
 
 OPSET = 17
 
@@ -25,11 +26,11 @@ class _Scores(nn.Module):
         self.net = net
 
     def forward(self, items, lengths):
-        return self.net.scores(self.net(items, lengths))
+        return self.net.scores(self.net.infer(items, lengths, toeplitz=True))
 
 
 def onnx_bytes(net):
-    """Serialized ONNX model of ``net`` (a ServingNet, cast to float32 in place; traced with the Toeplitz scan).
+    """Serialized ONNX model of ``net`` (a frozen ``FMRLNet``, cast to float32 in place).
 
     The graph holds the causal kernels for MAX_ITEM_LIST_LENGTH steps: inputs may be at most that long.
     """
@@ -40,24 +41,16 @@ def onnx_bytes(net):
     model = _Scores(net.float().eval())
     example = (torch.ones(2, 3, dtype=torch.long), torch.tensor([3, 1]))
     buffer = io.BytesIO()
-    for block in net.blocks:  # the recurrence would unroll to the example's length: use the Toeplitz form
-        block.toeplitz = True
-    try:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")  # the TorchScript exporter announces its deprecation
-            torch.onnx.export(model, example, buffer, input_names=["items", "lengths"], output_names=["scores"],
-                              dynamic_axes={"items": {0: "batch", 1: "length"}, "lengths": {0: "batch"},
-                                            "scores": {0: "batch"}}, opset_version=OPSET, dynamo=False)
-    finally:
-        for block in net.blocks:
-            block.toeplitz = False
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the TorchScript exporter announces its deprecation
+        torch.onnx.export(model, example, buffer, input_names=["items", "lengths"], output_names=["scores"],
+                          dynamic_axes={"items": {0: "batch", 1: "length"}, "lengths": {0: "batch"},
+                                        "scores": {0: "batch"}}, opset_version=OPSET, dynamo=False)
     return buffer.getvalue()
 
 
 def write_onnx(args, weights, path):
-    net = ServingNet(args)
-    net.load_state_dict(weights)
-    Path(path).write_bytes(onnx_bytes(net))
+    Path(path).write_bytes(onnx_bytes(FMRLNet.from_artifact(args, weights)))
 
 
 class OnnxScorer:

@@ -14,8 +14,8 @@ import torch
 
 from recbole_fmrl.deploy import artifact, streaming
 from recbole_fmrl.deploy import funnel as funnels
-from recbole_fmrl.deploy.runtime import ServingNet
 from recbole_fmrl.errors import InputError
+from recbole_fmrl.model.network import FMRLNet
 
 
 class UnknownItemError(InputError):
@@ -32,8 +32,8 @@ class Recommender:
         self.item_ids = list(items["item_ids"])
         self.titles = items.get("titles")
         self.index = {token: i for i, token in enumerate(self.item_ids) if i > 0}  # row 0 is padding
-        self.window = int(net.args["max_seq_length"])
-        self.size = net.size
+        self.window = int(net.args.max_seq_length)
+        self.size = net.args.hidden_size
 
     @classmethod
     def load(cls, folder, size=None):
@@ -44,23 +44,23 @@ class Recommender:
         manifest, weights, items = artifact.read(folders[chosen])
         artifact.verify(folders[chosen], manifest)  # every listed file, model.onnx included
         try:
-            net = ServingNet(weights["model_args"])
-            net.load_state_dict(weights["state_dict"])
-        except (KeyError, RuntimeError, TypeError) as err:
+            net = FMRLNet.from_artifact(weights["model_args"], weights["state_dict"])
+        except (KeyError, RuntimeError, TypeError, ValueError) as err:
             raise artifact.ArtifactError(f"{folders[chosen]}: weights do not match model_args "
                                          f"({str(err).splitlines()[0]})") from err
-        if len(items.get("item_ids", ())) != net.item_table.shape[0]:
+        rows = net.item_table().shape[0]
+        if len(items.get("item_ids", ())) != rows:
             raise artifact.ArtifactError(f"{folders[chosen]}: items.json lists {len(items.get('item_ids', ()))} "
-                                         f"ids for a {net.item_table.shape[0]}-row item table")
+                                         f"ids for a {rows}-row item table")
         rec = cls(net, items, manifest, folders[chosen])
         return rec if size is None else rec.at_size(size)
 
     def at_size(self, size):
-        """The same artifact serving its nested size ``size`` (shares the weights)."""
-        sizes = self.net.args["sizes"]
-        if size not in sizes:  # a user's --size: one line, not the runtime's ValueError
+        """The same artifact serving its nested size ``size`` (the first-``size`` slices of its weights)."""
+        sizes = self.net.args.sizes
+        if size not in sizes:  # a user's --size: one line, not the network's ValueError
             raise InputError(f"size {size}: not a nested size of {self.folder} (its sizes: {sizes})")
-        net = self.net.truncate(size)
+        net = self.net.truncate(size).eval()
         return Recommender(net, {"item_ids": self.item_ids, "titles": self.titles}, self.manifest, self.folder)
 
     # -- ids ----------------------------------------------------------------------------------
@@ -94,7 +94,7 @@ class Recommender:
             items[row, : len(h)] = torch.tensor(h)
         if int(lengths.max()) > self.window:  # the full recurrence, without an L x L kernel
             return streaming.run_recurrent(self.net, items, lengths)
-        return self.net(items, lengths)
+        return self.net.infer(items, lengths)
 
     @torch.no_grad()
     def scores(self, histories, context="window"):
@@ -115,7 +115,7 @@ class Recommender:
         encoded = [self.encode(h, skip_unknown) for h in histories]
         ids = [e[0] for e in encoded]
         hidden = self.hidden(ids, context)
-        top_ids, top_scores = funnels.funnel_topk(hidden, self.net.item_table, stages, k, self.excluded(ids, exclude_seen))
+        top_ids, top_scores = funnels.funnel_topk(hidden, self.net.item_table(), stages, k, self.excluded(ids, exclude_seen))
         return [self.describe(i, s, skipped) for i, s, (_, skipped) in zip(top_ids.tolist(), top_scores.tolist(), encoded)]
 
     def stages(self, funnel, k):
@@ -124,8 +124,8 @@ class Recommender:
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n_items:
             raise InputError(f"topk={k!r}: need an integer from 1 to the artifact's {n_items} items")
         stages = funnels.parse_funnel(funnel) if funnel else [(self.size, None)]
-        if max(s for s, _ in stages) > self.size or any(s not in self.net.args["sizes"] for s, _ in stages):
-            raise InputError(f"funnel {funnel!r}: stage sizes must be nested sizes {self.net.args['sizes']}")
+        if max(s for s, _ in stages) > self.size or any(s not in self.net.sizes for s, _ in stages):
+            raise InputError(f"funnel {funnel!r}: stage sizes must be nested sizes {self.net.sizes}")
         shortest = min((keep for _, keep in stages if keep is not None), default=None)
         if shortest is not None and shortest < k:
             raise InputError(f"funnel {funnel!r}: its last shortlist keeps {shortest} items, fewer than topk={k}; "

@@ -38,7 +38,7 @@ def check_context(context):
 
 def init_state(net, context="full"):
     layers = len(net.blocks)
-    states = net.item_table.new_zeros(layers, 1, net.state_size())
+    states = net.item_table().new_zeros(layers, 1, net.state_size())
     return StreamState(check_context(context), states)
 
 
@@ -47,9 +47,9 @@ def step(net, state, item, window):
     """Advance ``state`` by one internal item id; returns (new state, hidden [1 m])."""
     recent = (state.recent + (item,))[-window:] if state.context == "window" else ()
     if state.context == "window" and state.events >= window:  # the window slides: re-run it
-        device = net.item_table.device
+        device = net.item_table().device
         seq = torch.tensor([recent], dtype=torch.long, device=device)
-        hidden = net(seq, torch.tensor([len(recent)], device=device))
+        hidden = net.infer(seq, torch.tensor([len(recent)], device=device))
         return StreamState(state.context, state.states, hidden, recent, state.events + 1), hidden
     hidden, states = net.step(state.states, item)
     return StreamState(state.context, states, hidden, recent, state.events + 1), hidden
@@ -59,8 +59,9 @@ def step(net, state, item, window):
 def run_recurrent(net, items, lengths):
     """Last hidden state [B m] of right-padded histories [B L] by the recurrence (any length)."""
     batch = items.shape[0]
-    states = net.item_table.new_zeros(len(net.blocks), batch, net.state_size())
-    hidden = net.item_table.new_zeros(batch, net.size)
+    table = net.item_table()
+    states = table.new_zeros(len(net.blocks), batch, net.state_size())
+    hidden = table.new_zeros(batch, net.args.hidden_size)
     for t in range(items.shape[1]):
         out, new = net.step(states, items[:, t])
         live = (t < lengths)[:, None]

@@ -15,7 +15,7 @@ in the backward pass, so the extra memory is a few of one chunk's ``[K, r, N]`` 
 """
 import torch
 
-from recbole_fmrl.model.loss import block_bounds
+from recbole_fmrl.model.nested import block_bounds
 
 ROW_CHUNK = 256  # rows per chunk: a few K * 256 * N float buffers (6 sizes, 12k items: ~75 MB each)
 

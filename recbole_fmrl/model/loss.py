@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from recbole_fmrl.model import native as native_kernel
+from recbole_fmrl.model.nested import block_bounds, check_sizes
 
 # Elements of the [K, P, c] working buffer per chunk used when chunk_size == 0 (auto): ~32 MB in
 # fp32. Larger chunks fall out of cache, smaller ones pay per-op overhead (results/loss_bench.md).
@@ -68,12 +69,6 @@ AUTO_PLAIN_BELOW = 2 * 1024 * 1024
 _GUARD = 50.0
 
 
-def block_bounds(sizes):
-    """[(0, m_1), (m_1, m_2), ...] for increasing sizes."""
-    edges = [0] + list(sizes)
-    return list(zip(edges[:-1], edges[1:]))
-
-
 def matryoshka_logits(hidden, items, sizes):
     """All-size logits ``[K, P, N]`` from per-block partial products and a cumulative sum."""
     partial = torch.stack([hidden[:, a:b] @ items[:, a:b].T for a, b in block_bounds(sizes)])
@@ -84,13 +79,6 @@ def matryoshka_cross_entropy_reference(hidden, items, labels, sizes):
     """Per-size mean CE ``[K]``, materialising every logit matrix (the slow reference)."""
     logits = matryoshka_logits(hidden, items, sizes)  # [K P N]
     return torch.stack([F.cross_entropy(lg, labels) for lg in logits])
-
-
-def _check_sizes(sizes, d):
-    sizes = tuple(int(s) for s in sizes)
-    if not sizes or any(b <= a for a, b in zip((0,) + sizes[:-1], sizes)) or sizes[-1] != d:
-        raise ValueError(f"sizes must be increasing positive ints ending at d={d}, got {sizes}")
-    return sizes
 
 
 def auto_chunk_size(num_sizes, num_rows, num_items, buffer_elems=None):
@@ -445,7 +433,7 @@ def matryoshka_cross_entropy(hidden, items, labels, sizes, chunk_size=0, weights
     ``native`` (single pass on the CPU, fp32): None uses the compiled kernel (``native.py``) when
     it builds and the inputs are finite, True requires it, False uses PyTorch ops only.
     """
-    sizes = _check_sizes(sizes, hidden.shape[-1])
+    sizes = tuple(check_sizes(sizes, hidden.shape[-1], key="sizes"))
     K, P, N = len(sizes), hidden.shape[0], items.shape[0]
     if weights is not None:
         weights = torch.as_tensor(weights).detach()

@@ -15,14 +15,19 @@ from torch import nn
 from recbole_fmrl.model.nested import NestedLinear
 
 
-def _powers(log_mod, phase, steps):
-    """Real and imaginary parts of lam^k for k in ``steps``: |lam|^k (cos k.theta, sin k.theta).
+def lambda_powers(log_mod, phase, steps, dtype=None):
+    """Real and imaginary parts of lam^k for k in ``steps`` [L]: |lam|^k (cos k.theta, sin k.theta), [L S] each.
 
-    Computed from logs, never as lam^-k, so nothing overflows when |lam| is small.
+    Computed from logs, never as lam^-k, so nothing overflows when |lam| is small. ``dtype`` (serving:
+    float64) computes in that precision and rounds once to the parameters' dtype: in float32, cos(k theta)
+    at k ~ 100 already loses ~1e-5. Training keeps the parameters' dtype (differentiable, fast).
     """
-    k = steps.to(log_mod.dtype)[:, None]
-    mag = torch.exp(k * log_mod)
-    return mag * torch.cos(k * phase), mag * torch.sin(k * phase)
+    out = log_mod.dtype
+    work = dtype or out
+    k = steps.to(work)[:, None]
+    mag = torch.exp(k * log_mod.to(work))
+    phase = phase.to(work)
+    return (mag * torch.cos(k * phase)).to(out), (mag * torch.sin(k * phase)).to(out)
 
 
 def scan_doubling(xr, xi, log_mod, phase):
@@ -33,7 +38,7 @@ def scan_doubling(xr, xi, log_mod, phase):
     """
     length, k = xr.shape[1], 1
     while k < length:
-        pr, pi = _powers(log_mod, phase, torch.tensor([k], device=xr.device))
+        pr, pi = lambda_powers(log_mod, phase, torch.tensor([k], device=xr.device))
         ar, ai = xr[:, :-k], xi[:, :-k]
         xr = torch.cat([xr[:, :k], xr[:, k:] + pr * ar - pi * ai], dim=1)
         xi = torch.cat([xi[:, :k], xi[:, k:] + pr * ai + pi * ar], dim=1)
@@ -60,7 +65,7 @@ def pair_kernel(log_mod, phase, length):
     """
     steps = torch.arange(length, device=log_mod.device)
     lag = steps[None, :] - steps[:, None]  # [L(s) L(t)] = t - s
-    pr, pi = _powers(log_mod, phase, steps)  # [L D]
+    pr, pi = lambda_powers(log_mod, phase, steps)  # [L D]
     causal = (lag >= 0).to(pr.dtype)[..., None]
     kr, ki = pr[lag.clamp(min=0)] * causal, pi[lag.clamp(min=0)] * causal  # [L L D], K^T parts
     return torch.cat([torch.cat([kr, ki], 1), torch.cat([-ki, kr], 1)], 0).permute(2, 0, 1).contiguous()
@@ -95,6 +100,55 @@ def scan_sequential(xr, xi, log_mod, phase):
 
 
 SCANS = {"doubling": scan_doubling, "dense": scan_dense, "sequential": scan_sequential}
+
+# Scans of right-padded batches z [B L 2S] (real | imaginary), what inference runs (``FMRLBlock.infer``).
+
+
+def causal_kernels(pr, pi):
+    """Toeplitz kernels K[c, t, s] = lambda_c^(t-s) for s <= t, real and imaginary: [S L L] each."""
+    steps = torch.arange(pr.shape[0], device=pr.device)
+    lag = steps[:, None] - steps[None, :]  # [L(t) L(s)]
+    causal, index = (lag >= 0).to(pr.dtype), lag.clamp(min=0)
+    return (pr.T[:, index] * causal).contiguous(), (pi.T[:, index] * causal).contiguous()
+
+
+def scan_toeplitz(z, kr, ki):
+    """States at every position: z [B L 2S] -> [B L 2S], with kernels [S >=L >=L] (first L used); what ONNX
+    runs (a recurrence would unroll to the traced length). Channel-major contiguous operands: a batched
+    GEMM on permuted views runs many times slower on CPU."""
+    length, states = z.shape[1], kr.shape[0]
+    kr, ki = kr[:, :length, :length], ki[:, :length, :length]
+    zr = z[..., :states].permute(2, 1, 0).contiguous()  # [S L B]
+    zi = z[..., states:].permute(2, 1, 0).contiguous()
+    hr = torch.bmm(kr, zr) - torch.bmm(ki, zi)
+    hi = torch.bmm(ki, zr) + torch.bmm(kr, zi)
+    return torch.cat([hr, hi], 0).permute(2, 1, 0)  # [B L 2S]
+
+
+def recurrence_step(z, h, lam_a, lam_b):
+    """h' = lambda h + z on real pairs [.. 2S]: ``lam_a`` = [Re lambda | Re lambda], ``lam_b`` = [-Im lambda | Im lambda]."""
+    return torch.addcmul(torch.addcmul(z, h, lam_a), h.roll(h.shape[-1] // 2, -1), lam_b)
+
+
+def scan_recurrent(z, lam_a, lam_b):
+    """States at every position by the recurrence: z [B L 2S] -> [B L 2S] (O(L B S) work). On a CPU this
+    beats the O(L^2 B S) Toeplitz product at every batch size."""
+    h, out = torch.zeros_like(z[:, 0]), []
+    for t in range(z.shape[1]):
+        h = recurrence_step(z[:, t], h, lam_a, lam_b)
+        out.append(h)
+    return torch.stack(out, 1)
+
+
+def scan_last(z, lengths, pr, pi):
+    """State at each sequence's last real position: z [B L 2S], lengths [B], powers [>=L S] -> [B 2S]."""
+    length, states = z.shape[1], pr.shape[1]
+    steps = torch.arange(length, device=z.device)
+    lag = lengths[:, None] - 1 - steps[None, :]  # [B L]
+    valid = (lag >= 0).to(z.dtype)[..., None]
+    kr, ki = pr[lag.clamp(min=0)] * valid, pi[lag.clamp(min=0)] * valid  # [B L S]
+    zr, zi = z[..., :states], z[..., states:]
+    return torch.cat([(kr * zr - ki * zi).sum(1), (kr * zi + ki * zr).sum(1)], -1)
 
 
 class Packing:
@@ -195,15 +249,21 @@ class LRULayer(nn.Module):
         nu_log, theta_log, _ = self.params_log
         return -torch.exp(nu_log), torch.exp(theta_log)
 
+    def projections(self):
+        """(w_in [2S d], b_in [2S] or None, w_out [d 2S], b_out [d] or None): B = [B_re ; B_im] scaled by
+        gamma and C = [C_re | -C_im], so that x = B u + b and y = C [h_re ; h_im] + b_C are one GEMM each."""
+        gamma = torch.exp(self.params_log[2]).repeat(2)  # [2S], scales real and imaginary parts
+        w_in = torch.cat([self.in_re.masked_weight(), self.in_im.masked_weight()]) * gamma[:, None]  # [2S d]
+        b_in = None if self.in_re.bias is None else torch.cat([self.in_re.bias, self.in_im.bias]) * gamma
+        w_out = torch.cat([self.out_re.masked_weight(), -self.out_im.masked_weight()], dim=1)  # [d 2S]
+        return w_in, b_in, w_out, self.out_re.bias
+
     def forward(self, u, packing=None):
         """u: [B L d] (every position real), or [V d] real tokens laid out by ``packing``."""
         if packing is None:
             batch, length, d = u.shape
             return self.forward(u.reshape(batch * length, d), Packing.full(batch, length, u.device)).view(u.shape)
-        gamma = torch.exp(self.params_log[2]).repeat(2)  # [2S], scales real and imaginary parts
-        w_in = torch.cat([self.in_re.masked_weight(), self.in_im.masked_weight()]) * gamma[:, None]  # [2S d]
-        b_in = None if self.in_re.bias is None else torch.cat([self.in_re.bias, self.in_im.bias]) * gamma
-        w_out = torch.cat([self.out_re.masked_weight(), -self.out_im.masked_weight()], dim=1)  # [d 2S]
+        w_in, b_in, w_out, b_out = self.projections()
         # Channel-major: B u^T as one GEMM gives [2S, V]; only L-long runs move after that.
         xt = torch.mm(w_in, u.t()) if b_in is None else torch.addmm(b_in[:, None], w_in, u.t())  # [2S V]
         buckets = packing.buckets() if self.bucketing else [(packing, None)]
@@ -214,8 +274,8 @@ class LRULayer(nn.Module):
             order = torch.cat([tokens for _, tokens in buckets]).argsort()
             ht = torch.cat(parts, 1).index_select(1, order)
         y = torch.mm(ht.t(), w_out.t())  # [V d]
-        if self.out_re.bias is not None:
-            y = y + self.out_re.bias
+        if b_out is not None:
+            y = y + b_out
         return self.dropout(y)
 
     def _scan_tokens(self, xt, packing):

@@ -15,7 +15,8 @@ Evaluation is unchanged (a full ranking over every item); only the training sign
 import torch
 import torch.nn.functional as F
 
-from recbole_fmrl.model.loss import block_bounds, matryoshka_cross_entropy
+from recbole_fmrl.model.loss import matryoshka_cross_entropy
+from recbole_fmrl.model.nested import block_bounds
 
 
 def sampled_matryoshka_cross_entropy(hidden, items, labels, sizes, negatives):

@@ -6,6 +6,7 @@ import warnings
 from pathlib import Path
 
 from recbole_fmrl.environment import forwarded_env
+from recbole_fmrl.errors import InputError
 from recbole_fmrl.tune.report import best_config, config_groups, mean_std, read_best_weights, result_rows, write_outputs
 from recbole_fmrl.tune.space import make_config, ray_param_space, searched_keys, trial_count
 from recbole_fmrl.tune.trial import SCORE, evaluate_checkpoint, ray_device_overrides, train_trial
@@ -15,13 +16,13 @@ JOB_FILE = "fmrl_job.json"
 def _ray_trial(params, job):
     """The Tune function trainable: Ray's trial folder, checkpoint, GPUs and CPUs -> ``train_trial``."""
     import ray
-    from ray.air import session
-    from ray.air.checkpoint import Checkpoint
+    from ray import tune
 
     warnings.filterwarnings("ignore", category=FutureWarning)
-    trial_dir = session.get_trial_dir()
+    context = tune.get_context()
+    trial_dir = context.get_trial_dir()
     resume_dir = None
-    checkpoint = session.get_checkpoint()
+    checkpoint = tune.get_checkpoint()
     if checkpoint is not None:
         resume_dir = checkpoint.to_directory(os.path.join(trial_dir, "fmrl", "resume"))
         # (removed again by train_trial once restored)
@@ -29,10 +30,10 @@ def _ray_trial(params, job):
     node = ray.get_runtime_context().get_node_id()  # which machine ran each epoch (a lost node's trials move)
 
     def report(metrics, folder):
-        session.report(dict(metrics, node_id=node),
-                       checkpoint=Checkpoint.from_directory(str(folder)) if folder else None)
+        tune.report(dict(metrics, node_id=node),
+                    checkpoint=tune.Checkpoint.from_directory(str(folder)) if folder else None)
 
-    threads = session.get_trial_resources().required_resources.get("CPU", 1)
+    threads = context.get_trial_resources().required_resources.get("CPU", 1)
     train_trial(job, params, trial_dir, report, resume_dir=resume_dir, device=ray_device_overrides(),
                 threads=threads)
 
@@ -91,10 +92,22 @@ def _reporter(job, metric, mode, report_every):
         max_report_frequency=report_every, sort_by_metric=True)  # metric and mode come from TuneConfig
 
 
+MIN_RAY = (2, 50)  # tune.report(metrics, checkpoint=...), tune.get_context(), token authentication
+
+
+def check_ray_version(version):
+    """Refuse a Ray older than ``MIN_RAY`` in one line (plain pip resolves RecBole's ray<=2.6.3 pin)."""
+    found = tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
+    if found < MIN_RAY:
+        raise InputError(f"ray {version} is installed; searches need ray >= {MIN_RAY[0]}.{MIN_RAY[1]}: "
+                         f"pip install -U \"ray[tune,serve]>={MIN_RAY[0]}.{MIN_RAY[1]}\" (or set up with ./run.sh)")
+
+
 def init_ray(address=None, num_cpus=None):
     """Attach to a cluster (``address``), or start a local Ray; an already running session is reused."""
     import ray
 
+    check_ray_version(ray.__version__)
     if ray.is_initialized():
         return False
     env = forwarded_env()
@@ -110,7 +123,7 @@ def init_ray(address=None, num_cpus=None):
 
 def _new_tuner(job, config, metric, mode, verbose, report_every):
     """A fresh Tuner for the job (its settings stored beside the experiment for resume)."""
-    from ray import air, tune
+    from ray import tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     exp_dir = Path(job["storage_path"]) / job["name"]
@@ -124,10 +137,10 @@ def _new_tuner(job, config, metric, mode, verbose, report_every):
             search_alg=BasicVariantGenerator(random_state=job["search_seed"]),
             max_concurrent_trials=job["max_concurrent"], reuse_actors=True,
             trial_dirname_creator=_trial_dirname, trial_name_creator=_trial_dirname),
-        run_config=air.RunConfig(
+        run_config=tune.RunConfig(
             name=job["name"], storage_path=job["storage_path"], verbose=verbose,
-            failure_config=air.FailureConfig(max_failures=job["max_failures"]),
-            checkpoint_config=air.CheckpointConfig(num_to_keep=1),
+            failure_config=tune.FailureConfig(max_failures=job["max_failures"]),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
             progress_reporter=_reporter(job, metric, mode, report_every)))
 
 
