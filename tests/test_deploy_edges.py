@@ -80,7 +80,7 @@ def test_topk_above_the_item_count_is_refused(art, capsys):
 
 def test_a_size_that_is_not_nested_is_refused(art, capsys):
     line = refused(capsys, "recommend", "--artifact", art[0], "--history", "105", "--size", 12)
-    assert line == f"error: size 12: not a nested size of {art[0] / 'size-16'} (its sizes: [8, 16])"  # was a traceback
+    assert line.startswith(f"error: size 12: not a nested size of {art[0] / 'size-16'} (its sizes: [8, 16])")  # was a traceback
 
 
 def test_a_funnel_that_cannot_return_k_says_so(art, capsys):
