@@ -130,15 +130,7 @@ def _read_rating_csv(path: Path, data: SourceData, report: Report, progress: boo
             report.problem("malformed rating line", path, lineno, line[:80])
             continue
         user, asin, _rating, ts = (p.strip() for p in parts)
-        try:
-            t = float(ts)
-        except ValueError:
-            report.problem("malformed rating line", path, lineno, line[:80])
-            continue
-        if not user or not asin:
-            report.problem("malformed rating line", path, lineno, line[:80])
-            continue
-        data.add(user, asin, t, f"{path}:{lineno}")
+        data.add_checked(report, user, asin, ts, path, lineno)
 
 
 def read_reviews(path: Path, data: SourceData, report: Report, progress: bool = True):
@@ -158,12 +150,10 @@ def read_reviews(path: Path, data: SourceData, report: Report, progress: bool = 
         if not isinstance(user, str) or not isinstance(asin, str) or not user.strip() or not asin.strip():
             report.problem("review without reviewerID/asin", path, lineno, line[:80])
             continue
-        try:
-            t = float(ts)
-        except (TypeError, ValueError):
+        if ts is None:
             report.problem("review without unixReviewTime", path, lineno, line[:80])
             continue
-        data.add(user.strip(), asin.strip(), t, f"{path}:{lineno}")
+        data.add_checked(report, user.strip(), asin.strip(), ts, path, lineno)
 
 
 def find_inputs(folder: Path) -> Tuple[Path, Path]:

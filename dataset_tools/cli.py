@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import List, Optional
 
@@ -23,9 +24,22 @@ from dataset_tools.item_features import build_text_features
 from dataset_tools.lock import OutputLockedError, output_lock
 from dataset_tools.movielens import MovieLensOptions, read_movielens
 from dataset_tools.p5 import P5Options, read_p5
-from dataset_tools.pipeline import ConvertOptions, convert
+from dataset_tools.packaged_models import PackagedModelError
+from dataset_tools.pipeline import ConvertOptions, DatasetIncomplete, convert
 from dataset_tools.recbole_files import AtomicFileError
-from dataset_tools.report import BadInputError, InputFileError, Report
+from dataset_tools.report import BadInputError, ConvertError, InputFileError, Report
+from recbole_fmrl.data.features import FeatureFileError
+
+
+def nonnegative(text: str) -> int:
+    """An integer >= 0 (``--kcore -3`` silently disabled the filter)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: need an integer >= 0 (0 or 1 keeps every interaction)")
+    return value
 
 
 def _common(p: argparse.ArgumentParser):
@@ -33,7 +47,7 @@ def _common(p: argparse.ArgumentParser):
     p.add_argument("--output", required=True, type=Path,
                    help="parent folder; the dataset goes to OUTPUT/NAME (use OUTPUT as RecBole's data_path)")
     p.add_argument("--name", required=True, help="dataset name (RecBole's --dataset)")
-    p.add_argument("--kcore", type=int, default=5, help="iterative k-core threshold; 0 or 1 disables (default 5)")
+    p.add_argument("--kcore", type=nonnegative, default=5, help="iterative k-core threshold; 0 or 1 disables (default 5)")
     p.add_argument("--strict", action="store_true", help="any skipped input is an error naming file:line")
     p.add_argument("--missing-text", choices=["drop", "keep"], default=None,
                    help="items with no text field: drop before k-core, or keep with placeholder text "
@@ -198,17 +212,15 @@ def run_features(args) -> dict:
     return entry
 
 
-# Errors whose message already says what is wrong (file, line, what to do): shown as they are.
-EXPECTED_ERRORS = (BadInputError, InputFileError, AtomicFileError, OutputLockedError, EncoderError,
-                   FileNotFoundError, ValueError, OSError)
+# Errors whose message already says what is wrong (file, line, what to do), and the machine's (a missing
+# file, a full disk): shown as one line. Anything else is a bug and keeps its traceback.
+EXPECTED_ERRORS = (BadInputError, InputFileError, AtomicFileError, OutputLockedError, EncoderError, ConvertError,
+                   DatasetIncomplete, PackagedModelError, FeatureFileError, OSError)
 
 
 def error_line(err: BaseException) -> str:
-    """One line for any error; unexpected ones say how to see the traceback."""
-    text = " ".join(str(err).split()) or type(err).__name__
-    if isinstance(err, EXPECTED_ERRORS):
-        return text
-    return f"{type(err).__name__}: {text} (unexpected; rerun with --debug for the traceback)"
+    """The error's message on one line."""
+    return " ".join(str(err).split()) or type(err).__name__
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -220,11 +232,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("error: interrupted; rerunning the same command resumes (finished encoding chunks are reused)",
               file=sys.stderr)
         return 130
-    except Exception as err:  # noqa: BLE001 - the CLI's contract: one line, exit code 2
+    except EXPECTED_ERRORS as err:  # the CLI's contract: one line, exit code 2
         if args.debug:
             raise
         print(f"error: {error_line(err)}", file=sys.stderr)
         return 2
+    except Exception as err:  # noqa: BLE001 - a bug: its traceback, then one summary line, exit code 1
+        traceback.print_exc()
+        print(f"error: unexpected {type(err).__name__} (a bug; the traceback above belongs in the report): "
+              f"{error_line(err)}", file=sys.stderr)
+        return 1
     return 0
 
 

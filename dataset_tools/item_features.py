@@ -66,6 +66,8 @@ def build_text_features(dataset_dir, name: str, fields: Optional[List[str]] = No
     if not item_path.is_file():
         raise FileNotFoundError(f"{item_path}: no .item file to build text from")
     items = read_item_file(item_path)
+    if not items.tokens:
+        raise AtomicFileError(f"{item_path}: no item rows (only a header): nothing to build features for")
     field_names = list(fields) if fields else list(items.fields)
     if not field_names:
         raise AtomicFileError(f"{item_path}: no column besides item_id, nothing to build text from")

@@ -37,6 +37,14 @@ class MovieLensOptions:
     use_overviews: bool = True  # False: ignore the overview CSV even when it exists
 
 
+BOM_LATIN1 = "\xef\xbb\xbf"  # a UTF-8 byte-order mark, read as latin-1 (the MovieLens files' encoding)
+
+
+def strip_bom(line: str, lineno: int) -> str:
+    """Line 1 without a byte-order mark (an editor's, in front of the first id)."""
+    return line[len(BOM_LATIN1):] if lineno == 1 and line.startswith(BOM_LATIN1) else line
+
+
 def split_title(raw: str):
     """("Usual Suspects, The (1995)") -> ("The Usual Suspects", "1995")."""
     title, year = raw.strip(), None
@@ -90,7 +98,8 @@ def _read_100k(folder: Path, data: SourceData, report: Report):
     genres = list(GENRES_100K)
     if genre_path.is_file():
         data.input_files.append(genre_path)
-        pairs = [ln.rsplit("|", 1) for ln in genre_path.read_text(encoding="latin-1").splitlines() if "|" in ln]
+        text = strip_bom(genre_path.read_text(encoding="latin-1"), 1)
+        pairs = [ln.rsplit("|", 1) for ln in text.splitlines() if "|" in ln]
         try:
             by_index = {int(i): g for g, i in pairs}
             genres = [by_index[i] for i in range(len(by_index))]
@@ -98,6 +107,7 @@ def _read_100k(folder: Path, data: SourceData, report: Report):
             report.problem("malformed u.genre (built-in genre list used)", genre_path)
     with open(ratings, encoding="latin-1") as fh:
         for lineno, line in enumerate(fh, start=1):
+            line = strip_bom(line, lineno)
             parts = line.split("\t")
             if not line.strip():
                 continue
@@ -105,9 +115,10 @@ def _read_100k(folder: Path, data: SourceData, report: Report):
             if rating is None:
                 report.problem("malformed rating line", ratings, lineno, line.strip()[:80])
                 continue
-            data.add(*rating, f"{ratings}:{lineno}")
+            data.add_checked(report, *rating, ratings, lineno)
     with open(movies, encoding="latin-1") as fh:  # MovieLens files are latin-1, not utf-8
         for lineno, line in enumerate(fh, start=1):
+            line = strip_bom(line, lineno)
             line = line.rstrip("\r\n")
             if not line.strip():
                 continue
@@ -134,19 +145,21 @@ def _read_1m(folder: Path, data: SourceData, report: Report):
     data.input_files += [ratings, movies]
     with open(ratings, encoding="latin-1") as fh:
         for lineno, line in enumerate(fh, start=1):
+            line = strip_bom(line, lineno)
             if not line.strip():
                 continue
             rating = parse_rating(line.strip().split("::"))
             if rating is None:
                 report.problem("malformed rating line", ratings, lineno, line.strip()[:80])
                 continue
-            data.add(*rating, f"{ratings}:{lineno}")
+            data.add_checked(report, *rating, ratings, lineno)
     _read_movies_dat(movies, data, report)
 
 
 def _read_movies_dat(movies: Path, data: SourceData, report: Report):
     with open(movies, encoding="latin-1") as fh:
         for lineno, line in enumerate(fh, start=1):
+            line = strip_bom(line, lineno)
             line = line.rstrip("\r\n")
             if not line.strip():
                 continue
@@ -234,12 +247,12 @@ def _read_items_tsv(path: Path, data: SourceData, report: Report):
 
 def read_overviews(path: Path, data: SourceData, report: Report):
     # surrogateescape keeps invalid bytes visible per row, so they are counted, not silently replaced.
-    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as fh:
+    with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as fh:
         reader = csv.DictReader(fh)
         cols = reader.fieldnames or []
         id_col = next((c for c in ("movie_id", "movieId", "item_id", "id") if c in cols), None)
         if id_col is None or "overview" not in cols:
-            raise ValueError(f"{path}:1: need a movie_id and an overview column, header is {cols}")
+            raise InputFileError(f"{path}:1: need a movie_id and an overview column, header is {cols}")
         seen: Dict[str, str] = {}
         for rec in reader:
             lineno = reader.line_num

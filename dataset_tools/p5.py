@@ -23,7 +23,7 @@ from dataset_tools.amazon import read_meta
 from dataset_tools.images import find_image
 from dataset_tools.input_files import iter_lines
 from dataset_tools.report import InputFileError, Report
-from dataset_tools.source import Item, SourceData
+from dataset_tools.source import Item, SourceData, id_problem
 
 
 @dataclass
@@ -50,7 +50,7 @@ def read_item2img(path: Path) -> Dict[str, str]:
                 AttributeError, MemoryError) as err:
             raise InputFileError(f"{path}: not a plain pickled dict ({err})") from None
     if not isinstance(obj, dict):
-        raise ValueError(f"{path}: expected a dict asin -> image path, got {type(obj).__name__}")
+        raise InputFileError(f"{path}: expected a dict asin -> image path, got {type(obj).__name__}")
     return {str(k): str(v) for k, v in obj.items()}
 
 
@@ -78,7 +78,7 @@ def find_layout(folder: Path, require_meta: bool):
 def read_maps(maps_path: Path, raw_ids: bool):
     """(id2item, id2user) from datamaps.json, as strings."""
     try:
-        maps = json.loads(maps_path.read_text(encoding="utf-8"))
+        maps = json.loads(maps_path.read_text(encoding="utf-8-sig"))
         id2item = {str(k): str(v) for k, v in maps["id2item"].items()}
         id2user = {str(k): str(v) for k, v in maps.get("id2user", {}).items()}
     except (ValueError, KeyError, AttributeError, TypeError) as err:
@@ -108,14 +108,16 @@ def read_sequences(seq_path: Path, id2item, id2user, raw_ids: bool, data: Source
             report.problem("user listed twice (later line skipped)", seq_path, lineno, f"user {uid}")
             continue
         seen_users.add(user)
-        where = f"{seq_path}:{lineno}"
+        if id_problem(user):  # once per line, not once per item
+            report.problem(f"user id {id_problem(user)}", seq_path, lineno, f"user {user[:40]!r}")
+            continue
         position = 0
         for iid in parts[1:]:
             if iid not in id2item:
                 report.problem("item id missing from datamaps", seq_path, lineno, f"item {iid}")
                 continue
-            data.add(user, id2item[iid] if raw_ids else iid, float(position), where)
-            position += 1
+            if data.add_checked(report, user, id2item[iid] if raw_ids else iid, position, seq_path, lineno):
+                position += 1
 
 
 def _p5_order(id2item):

@@ -29,7 +29,7 @@ from dataset_tools.encoders import ImageEncoderOptions, TextEncoderOptions
 from dataset_tools.images import check_images
 from dataset_tools.kcore import kcore_mask
 from dataset_tools.lock import output_lock
-from dataset_tools.report import Report
+from dataset_tools.report import ConvertError, Report
 from dataset_tools.source import Item, SourceData
 from recbole_fmrl import atomic_write
 from recbole_fmrl.data import features
@@ -59,11 +59,13 @@ class ConvertOptions:
         if self.missing_text is None:
             self.missing_text = "drop" if self.text_encoder is not None else "keep"
         if self.missing_text not in ("drop", "keep"):
-            raise ValueError(f"missing_text must be 'drop' or 'keep', not {self.missing_text!r}")
+            raise ConvertError(f"missing_text must be 'drop' or 'keep', not {self.missing_text!r}")
         if self.missing_image not in ("drop", "zero"):
-            raise ValueError(f"missing_image must be 'drop' or 'zero', not {self.missing_image!r}")
+            raise ConvertError(f"missing_image must be 'drop' or 'zero', not {self.missing_image!r}")
         if not self.name or "/" in self.name or self.name.startswith("."):
-            raise ValueError(f"dataset name {self.name!r} must be a plain folder name")
+            raise ConvertError(f"dataset name {self.name!r} must be a plain folder name")
+        if isinstance(self.kcore, bool) or not isinstance(self.kcore, int) or self.kcore < 0:
+            raise ConvertError(f"--kcore {self.kcore}: need an integer >= 0 (0 or 1 keeps every interaction)")
 
 
 class DatasetIncomplete(ValueError):
@@ -126,7 +128,7 @@ class Selection:
 def check_read(source: SourceData, report: Report):
     """Refuse a source with no interaction, saying which reasons skipped what."""
     if not source.users:
-        raise ValueError(f"{source.kind}: no usable interaction was read from "
+        raise ConvertError(f"{source.kind}: no usable interaction was read from "
                          f"{', '.join(str(p) for p in source.input_files)}; skipped input: {report.one_line()}")
 
 
@@ -221,7 +223,7 @@ def apply_kcore(inter: Interactions, options: ConvertOptions, steps: List[dict],
     steps.append({"step": f"{options.kcore}-core", "passes": passes, "interactions_removed": int((~keep).sum())})
     inter = inter.take(keep)
     if len(inter.rows) == 0:
-        raise ValueError(f"no interaction survives the filters: {json.dumps(steps)}")
+        raise ConvertError(f"no interaction survives the filters: {json.dumps(steps)}")
     return inter
 
 
@@ -325,7 +327,7 @@ def convert(source: SourceData, options: ConvertOptions, report: Report) -> dict
     fields = options.text_fields or source.default_fields
     check_read(source, report)
     if not source.has_text and options.text_encoder is not None:
-        raise ValueError(f"{source.kind}: the source has no item text (ID-only); pass no text encoder")
+        raise ConvertError(f"{source.kind}: the source has no item text (ID-only); pass no text encoder")
     sel = select_text(source, options, fields, report, steps)
     select_images(source, sel, options, report, steps, timings)
     inter = order_interactions(source, sel.candidates, steps)

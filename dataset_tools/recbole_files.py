@@ -101,6 +101,7 @@ class AtomicItems:
 def read_item_file(path, encoding: str = "utf-8") -> AtomicItems:
     """Read a RecBole ``.item`` file the way RecBole does (tab separated, CSV quoting)."""
     path = Path(path)
+    encoding = "utf-8-sig" if encoding.lower().replace("_", "-") in ("utf-8", "utf8") else encoding  # strip a BOM
     with open(path, encoding=encoding, newline="") as fh:
         reader = csv.reader(fh, delimiter="\t", quotechar='"')
         try:

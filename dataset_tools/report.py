@@ -19,6 +19,10 @@ class BadInputError(ValueError):
     """Raised in strict mode for the first problem; the message names file and line."""
 
 
+class ConvertError(ValueError):
+    """The input, or the options given, cannot make a dataset (nothing read, nothing left, a bad option)."""
+
+
 class InputFileError(ValueError):
     """An input file cannot be read at all (truncated or not-gzip ``.gz``, missing layout file).
 

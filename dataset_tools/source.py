@@ -2,8 +2,15 @@
 
 Readers (``amazon``, ``p5``, ``movielens``) fill a ``SourceData``; everything after that
 (filters, k-core, writing, features) is shared, so the three formats cannot drift apart.
+
+Every interaction enters through ``SourceData.add_checked``, the one place that decides what RecBole
+can read back: an id holding a tab, a line break or a leading double quote (RecBole's pandas reader
+splits or unquotes it), an empty id, or one pandas reads as missing (``NA``, ``nan``, ``null``, ...:
+RecBole would turn it into padding), and a timestamp that is not a finite number, are problems:
+counted per reason with their file:line, the interaction skipped (``--strict`` fails on the first).
 """
 import html
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +49,44 @@ class SourceData:
         self.items.append(item)
         self.times.append(time)
         self.origins.append(origin)
+
+    def add_checked(self, report: Report, user, item, time, path, line) -> bool:
+        """Add one interaction unless its ids or time cannot be written for RecBole (counted in ``report``)."""
+        for what, token in (("user", user), ("item", item)):
+            reason = id_problem(token)
+            if reason:
+                report.problem(f"{what} id {reason}", path, line, f"{what} {str(token)[:40]!r}")
+                return False
+        try:
+            stamp = float(time)
+        except (TypeError, ValueError):
+            report.problem("unparsable timestamp", path, line, repr(time)[:40])
+            return False
+        if not math.isfinite(stamp):
+            report.problem("non-finite timestamp", path, line, repr(time)[:40])
+            return False
+        self.add(str(user), str(item), stamp, f"{path}:{line}")
+        return True
+
+
+# pandas' default missing-value strings: RecBole reads atomic files with them, so such an id becomes NaN
+PANDAS_MISSING = {"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN",
+                  "<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"}
+
+
+def id_problem(token) -> Optional[str]:
+    """Why ``token`` cannot be a RecBole token id written as it is, or None."""
+    if not isinstance(token, str):
+        return "not a string"
+    if any(c in token for c in "\t\n\r"):
+        return "with a tab or line break"
+    if token != token.strip():
+        return "with leading or trailing whitespace"
+    if token.startswith('"'):
+        return "starting with a double quote"
+    if token in PANDAS_MISSING:
+        return "read as missing by RecBole's reader"
+    return None
 
 
 _TAG = re.compile(r"<[^>]+>")

@@ -7,6 +7,8 @@ for every tokenizer that treats whitespace as a separator (BERT/BGE/MiniLM), and
 """
 from typing import Dict, Iterable, List, Optional
 
+from dataset_tools.report import ConvertError
+
 # Field name -> label printed in the template. Unknown fields get a label from their name.
 LABELS = {
     "title": "Title",
@@ -61,5 +63,5 @@ def parse_fields(spec: Optional[str], default: List[str]) -> List[str]:
         return list(default)
     fields = [f.strip() for f in spec.split(",") if f.strip()]
     if not fields:
-        raise ValueError(f"--text-fields {spec!r} names no field")
+        raise ConvertError(f"--text-fields {spec!r} names no field")
     return fields

@@ -78,6 +78,11 @@ def test_topk_above_the_item_count_is_refused(art, capsys):
     assert "topk=31: need an integer from 1 to the artifact's 30 items" in line
 
 
+def test_a_size_that_is_not_nested_is_refused(art, capsys):
+    line = refused(capsys, "recommend", "--artifact", art[0], "--history", "105", "--size", 12)
+    assert line.startswith(f"error: size 12: not a nested size of {art[0] / 'size-16'} (its sizes: [8, 16])")  # was a traceback
+
+
 def test_a_funnel_that_cannot_return_k_says_so(art, capsys):
     line = refused(capsys, "recommend", "--artifact", art[0], "--history", "105", "--topk", 10, "--funnel", "8:5,16")
     assert "funnel '8:5,16': its last shortlist keeps 5 items, fewer than topk=10" in line  # returned 5 silently

@@ -59,7 +59,7 @@ def item_text_columns(item_file, text_fields=None, id_field="item_id") -> list:
     item_file = Path(item_file)
     if not item_file.is_file():
         return []
-    with open(item_file, encoding="utf-8", errors="replace", newline="") as fh:
+    with open(item_file, encoding="utf-8-sig", errors="replace", newline="") as fh:
         reader = csv.reader(fh, delimiter="\t", quotechar='"')
         names = [cell.split(":", 1)[0].strip() for cell in next(reader, [])]
         wanted = [i for i, n in enumerate(names) if n != id_field and (not text_fields or n in text_fields)]

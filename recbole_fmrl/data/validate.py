@@ -22,6 +22,7 @@ command that rebuilds it).
 - **Fingerprint** (``fingerprint``): a sha256 over the content of the dataset's files (atomic files
   and feature tables), so a resumed run can tell the same data from data of the same name.
 """
+import glob
 import hashlib
 import json
 import os
@@ -38,14 +39,19 @@ ATOMIC_SOURCES = ("inter", "item", "user")
 
 
 def check_run(config) -> str:
-    """Validate the run's dataset folder and schema; returns a one-line summary for the log."""
+    """Validate the run's dataset folder and schema; returns a one-line summary for the log (it names
+    the folder used, and whether that is RecBole's bundled copy or a data_path's folder of that name)."""
     folder, name = Path(config["data_path"]), config["dataset"]
     if not folder.exists() and name in recbole_downloads() and not unfinished_marker(folder, name):
         # a name from RecBole's catalogue: RecBole downloads it (a converter's lock is refused below)
         return f"{folder}: {name} not present yet; RecBole downloads it"
     summary = check_manifest(folder, name)
     check_schema(config, folder, name)
-    return f"dataset {name}: {summary}" + (" (RecBole's bundled copy)" if bundled(folder) else "")
+    if bundled(folder):
+        return f"dataset {name}: {summary} (RecBole's bundled copy: data_path holds no {name}/{name}.inter)"
+    if name in bundled_names():
+        return f"dataset {name}: {summary} (data_path's own folder, used instead of RecBole's bundled {name})"
+    return f"dataset {name}: {summary}"
 
 
 def bundled(folder: Path) -> bool:
@@ -53,6 +59,23 @@ def bundled(folder: Path) -> bool:
     import recbole
 
     return Path(recbole.__file__).parent.resolve() in Path(folder).resolve().parents
+
+
+def bundled_names() -> set:
+    """Names of the datasets RecBole ships (``recbole/dataset_example/<name>``): for these RecBole's Config
+    ignores data_path and loads its own settings files, whatever folder the user has."""
+    import recbole
+
+    return {p.name for p in (Path(recbole.__file__).parent / "dataset_example").iterdir() if p.is_dir()}
+
+
+def own_folder(data_root, name: str):
+    """``data_root/name`` when it holds the dataset's interactions (``name.inter``, or benchmark split files
+    ``name.<part>.inter``), else None."""
+    folder = Path(data_root) / name
+    if (folder / f"{name}.inter").is_file() or any(folder.glob(f"{glob.escape(name)}.*.inter")):
+        return folder
+    return None
 
 
 def recbole_downloads() -> set:
@@ -157,6 +180,9 @@ def read_header(path: Path, config) -> list:
             head = fh.readline().rstrip("\r\n")
     except UnicodeDecodeError as err:
         raise InputError(f"{path}: header is not {config['encoding']} ({err.reason} at byte {err.start})") from None
+    if head.startswith("\ufeff"):  # RecBole would read it as part of the first column's name
+        raise InputError(f"{path}: starts with a byte-order mark, which RecBole reads as part of the first column "
+                         f"name; save the file without it (UTF-8 without BOM)")
     columns = []
     for cell in head.split(config["field_separator"]):
         field, sep, ftype = cell.partition(":")

@@ -57,6 +57,9 @@ class Recommender:
 
     def at_size(self, size):
         """The same artifact serving its nested size ``size`` (the first-``size`` slices of its weights)."""
+        sizes = self.net.args.sizes
+        if size not in sizes:  # a user's --size: one line, not the network's ValueError
+            raise InputError(f"size {size}: not a nested size of {self.folder} (its sizes: {sizes})")
         net = self.net.truncate(size).eval()
         return Recommender(net, {"item_ids": self.item_ids, "titles": self.titles}, self.manifest, self.folder)
 
