@@ -38,7 +38,7 @@ DATASETS = ("amazon-beauty", "amazon-toys", "ml-1m-posters")
 # The paper's Table 2 rows and the tuned baselines of issue 28, in table order; --rows adds or replaces.
 TABLE2_ROWS = ("SASRec", "SASRec-allpos", "SASRec-allpos-recipe", "BERT4Rec", "GRU4Rec", "FMLPRec", "LRURec",
                "BSARec", "UniSRec", "FMRLRec-id", "FMRLRec-image", "FMRLRec-text", "FMRLRec-text_id",
-               "FMRLRec-text_image")
+               "FMRLRec-text_image", "FMRLRec-text-cosine", "FMRLRec-text_id-drop0.5", "FMRLRec-text_id-drop0.5-cosine")
 # (key, name, results sub-folder, column label)
 PROTOCOLS = (("paper", "paper protocol (history ranked)", "", "paper"),
              ("history-excluded", "history excluded", "history-excluded", "hist. excl."))

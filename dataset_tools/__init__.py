@@ -3,7 +3,7 @@
 Importable steps: ``read_amazon`` / ``read_p5`` / ``read_movielens`` -> ``SourceData``;
 ``convert`` -> the dataset folder; ``build_text_features`` for an existing RecBole dataset;
 ``build_missing_item_features(config)``, the first-use hook the training CLI passes in.
-See dataset_tools/README.md.
+See docs/data.md.
 """
 from dataset_tools.amazon import AmazonOptions, read_amazon
 from dataset_tools.encoders import ImageEncoderOptions, TextEncoderOptions
