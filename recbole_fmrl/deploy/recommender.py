@@ -118,14 +118,19 @@ class Recommender:
         top_ids, top_scores = funnels.funnel_topk(hidden, self.net.item_table(), stages, k, self.excluded(ids, exclude_seen))
         return [self.describe(i, s, skipped) for i, s, (_, skipped) in zip(top_ids.tolist(), top_scores.tolist(), encoded)]
 
-    def stages(self, funnel, k):
-        """The funnel's stages (or the one full-size stage) for top-``k``; refuses what cannot return k items."""
+    def stages(self, funnel, k, size=None):
+        """The funnel's stages (or the one stage at ``size``, default this one's) for top-``k``; refuses
+        what cannot return k items. A nested size's stages read the first dims of this size's hidden state."""
         n_items = len(self.item_ids) - 1
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n_items:
             raise InputError(f"topk={k!r}: need an integer from 1 to the artifact's {n_items} items")
-        stages = funnels.parse_funnel(funnel) if funnel else [(self.size, None)]
-        if max(s for s, _ in stages) > self.size or any(s not in self.net.sizes for s, _ in stages):
-            raise InputError(f"funnel {funnel!r}: stage sizes must be nested sizes {self.net.sizes}")
+        size = self.size if size is None else size
+        if size not in self.net.sizes:
+            raise InputError(f"size {size!r}: not a nested size of {self.folder} (its sizes: {self.net.sizes})")
+        stages = funnels.parse_funnel(funnel) if funnel else [(size, None)]
+        if max(s for s, _ in stages) > size or any(s not in self.net.sizes for s, _ in stages):
+            sizes = [m for m in self.net.sizes if m <= size]
+            raise InputError(f"funnel {funnel!r}: stage sizes must be nested sizes {sizes}")
         shortest = min((keep for _, keep in stages if keep is not None), default=None)
         if shortest is not None and shortest < k:
             raise InputError(f"funnel {funnel!r}: its last shortlist keeps {shortest} items, fewer than topk={k}; "
