@@ -105,13 +105,7 @@ def create_app(engine: Engine, options: ServeOptions = None) -> FastAPI:
     app.state.engine, app.state.metrics = engine, metrics
     app.add_middleware(BodyLimit, limit=options.max_body_bytes)
 
-    @app.middleware("http")
-    async def count(request: Request, call_next):
-        start = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        metrics.request(getattr(route, "path", "unmatched"), response.status_code, time.perf_counter() - start)
-        return response
+    app.add_middleware(Counted, metrics=metrics)
 
     async def reload(folder):
         try:
@@ -134,7 +128,7 @@ def create_app(engine: Engine, options: ServeOptions = None) -> FastAPI:
         query = Query(tuple(tuple(map(str, h)) for h in histories), body.k, body.size, body.funnel,
                       body.exclude_seen, body.skip_unknown, body.context)
         results = await batcher.submit(query)
-        return {"results": results, "size": body.size or engine.rec.size}
+        return JSONResponse({"results": results, "size": body.size or engine.rec.size})  # plain JSON: no re-encoding
 
     @app.post("/sessions/{sid}/events")
     async def events(sid: str, body: EventsBody):
@@ -170,6 +164,29 @@ def create_app(engine: Engine, options: ServeOptions = None) -> FastAPI:
         return await reload(body.artifact if body else None)
 
     return app
+
+
+class Counted:
+    """Requests by route template and status, and their latency (pure ASGI: no per-request task)."""
+
+    def __init__(self, app, metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), [500]
+
+        async def sending(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.request(route, status[0], time.perf_counter() - start)
 
 
 class BodyLimit:

@@ -1,7 +1,7 @@
 """Dynamic batching: concurrent requests coalesced into one network pass.
 
-A request waits at most ``max_wait_ms`` for others to join it, and a batch holds at most
-``max_batch`` queries. While the worker thread runs one batch, the next one fills, so under load
+A batch takes every request that queued while the previous one ran, then waits at most
+``max_wait_ms`` for more (0: never waits), and holds at most ``max_batch`` queries: under load
 batches grow by themselves and the wait is rarely paid. Every model call (batches, session events)
 goes through the one worker thread: the engine needs no locks and torch keeps its thread count.
 """
@@ -40,12 +40,16 @@ class Batcher:
     async def loop(self):
         while True:
             batch = [await self.queue.get()]
+            while len(batch) < self.max_batch and not self.queue.empty():  # what queued while the last batch ran
+                batch.append(self.queue.get_nowait())
             deadline = asyncio.get_running_loop().time() + self.max_wait
-            while len(batch) < self.max_batch:
+            while len(batch) < self.max_batch:  # then wait up to max_wait for more
                 timeout = deadline - asyncio.get_running_loop().time()
+                if timeout <= 0:
+                    break
                 try:
-                    batch.append(self.queue.get_nowait() if timeout <= 0 else await asyncio.wait_for(self.queue.get(), timeout))
-                except (asyncio.TimeoutError, asyncio.QueueEmpty):
+                    batch.append(await asyncio.wait_for(self.queue.get(), timeout))
+                except asyncio.TimeoutError:
                     break
             await self.run(batch)
 
