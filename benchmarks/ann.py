@@ -269,7 +269,8 @@ def main(argv=None):
     result = {"command": shlex.join(["python", "-m", "benchmarks.ann"] + list(sys.argv[1:] if argv is None else argv)),
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": describe_machine("cpu"),
               "load": [load, os.getloadavg()[0]], "torch": torch.__version__, "faiss": faiss.__version__,
-              "real_items": len(rec.item_ids) - 1, "checkpoint": rec.manifest.get("checkpoint", {}).get("path"), "noise": args.noise, "users": len(users),
+              "real_items": len(rec.item_ids) - 1, "checkpoint": rec.manifest.get("checkpoint", {}).get("path"),
+              "noise": args.noise, "users": len(users),
               "wall_s": time.perf_counter() - start, "catalogues": catalogues}
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
