@@ -44,8 +44,8 @@ def parse_args(argv=None):
     p.add_argument("--single", type=int, default=64, help="of those, timed one at a time (batch 1)")
     p.add_argument("--exact", nargs="*", default=["32:2000,256", "64:2000,256", "128:1000,256", "128:4000,256"],
                    help="exact funnels")
-    p.add_argument("--ann", nargs="*", default=["ann32:2000,256", "ann64:2000,256", "ann128:1000,256", "ann128:2000,256",
-                                                "ann128:4000,256"],
+    p.add_argument("--ann", nargs="*", default=["ann128:1000,256", "ann128:2000,256", "ann128:4000,256",
+                                                "ann256:200,256", "ann256:1000,256"],
                    help="ann funnels (one HNSW index per first-stage size)")
     p.add_argument("--output", default="results/ann.md")
     return p.parse_args(argv)

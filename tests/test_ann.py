@@ -45,6 +45,9 @@ def test_a_shortlist_of_every_item_equals_the_exact_funnel():
         ids, scores = funnel_topk(hidden, table, parse_funnel(spec), k, excluded, index)
         ref_ids, ref_scores = funnel_topk(hidden, table, parse_funnel(spec[3:]), k, excluded)
         assert torch.equal(ids, ref_ids) and torch.allclose(scores, ref_scores)
+    ids, scores = funnel_topk(hidden, table, parse_funnel("ann16:300,16"), 10, excluded, index)  # plain ANN
+    ref_ids, ref_scores = funnel_topk(hidden, table, [(16, None)], 10, excluded)
+    assert torch.equal(ids, ref_ids) and torch.allclose(scores, ref_scores)
 
 
 def test_recall_of_the_exact_top10_on_a_20k_item_table():
@@ -117,6 +120,10 @@ def test_bad_ann_specs_are_one_line_errors_naming_the_spec(spec, says):
 
 def test_parse_and_cost():
     assert parse_funnel("ann32:2000,64:200,256") == [Stage(32, 2000, True), Stage(64, 200), Stage(256, None)]
+    assert parse_funnel("ann256:200,256") == [Stage(256, 200, True), Stage(256, None)]  # ANN at full size
+    for same in ("32:200,32", "ann16:200,32:100,32"):  # an equal size only right after the ann stage
+        with pytest.raises(InputError, match="sizes must increase"):
+            parse_funnel(same)
     assert funnel_cost(parse_funnel("ann32:1000,256"), 10**6, ann_distances=25_000) == 25_000 * 32 + 1000 * 256
     with pytest.raises(ValueError, match="ann_distances"):
         funnel_cost(parse_funnel("ann32:1000,256"), 10**6)

@@ -7,7 +7,8 @@ model's. The scoring cost per user is N*m_1 + keep_1*m_2 + ... multiply-adds ins
 
 ``ann32:1000,256``: the first stage (only the first) may be approximate: a faiss HNSW index over the
 first 32 dims (``deploy/ann.py``) returns 1000 candidates without scoring every item; the later
-stages rerank them exactly.
+stages rerank them exactly. The stage after it may have its size (``ann256:200,256``: plain ANN at the
+full size, the last stage only sorts).
 """
 from collections import namedtuple
 
@@ -42,7 +43,9 @@ def parse_funnel(spec):
     stages = [parse_stage(part, i == 0, i == len(parts) - 1, spec) for i, part in enumerate(parts)]
     sizes = [s.size for s in stages]
     keeps = [s.keep for s in stages[:-1]]
-    if any(b <= a for a, b in zip(sizes, sizes[1:])) or any(b >= a for a, b in zip(keeps, keeps[1:])):
+    same = [stages[0].ann] + [False] * (len(stages) - 2)  # after an ann stage the same size may rerank exactly
+    if any(b < a or (b == a and not ok) for a, b, ok in zip(sizes, sizes[1:], same)) or any(
+            b >= a for a, b in zip(keeps, keeps[1:])):
         raise InputError(f"funnel {spec!r}: sizes must increase and shortlists shrink stage by stage")
     return stages
 
@@ -98,6 +101,8 @@ def funnel_topk(hidden, table, stages, k, excluded=None, index=None):
 
 def padding_excluded(hidden, table, excluded):
     """``excluded`` with the padding row marked (a fresh all-False mask but the padding when None)."""
+    if excluded is not None and bool(excluded[:, 0].all()):
+        return excluded  # already marked (Recommender.excluded does): no O(B N) copy
     shape = (hidden.shape[0], table.shape[0])
     mask = torch.zeros(shape, dtype=torch.bool, device=table.device) if excluded is None else excluded.clone()
     mask[:, 0] = True
