@@ -8,7 +8,8 @@ the scores it returns are exact: only *which* items it visits is approximate.
 Parameters (``HnswParams``): ``M`` = 32 graph neighbours per node (64 at layer 0), ``ef_construction`` =
 40 (faiss's default; build candidates per insertion), ``ef_search`` = the search beam, at least the number
 of items asked for (an HNSW beam narrower than k returns fewer than k ids: measured, -1 padding), default
-``keep``. Build is O(N log N); 10^6 items x 32 dims took ~1.5 min on one CPU thread (results/ann.md).
+``keep``. Build is O(N log N): 10^6 items took 155 s at 128 dims and 196 s at 256 on one shared CPU
+thread, 0.75 / 1.2 GiB (results/ann.md); a serving process builds it once per artifact.
 
 The index is built on first use and cached as ``<fmrl cache>/ann/<sha256 of model.pt>-s<s>-<params>.faiss``
 (``paths.default_cache_dir``), written atomically, beside a ``.json`` sidecar holding the index file's own
