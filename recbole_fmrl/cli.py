@@ -1,10 +1,11 @@
-"""The command line, RecBole style: train and evaluate (default), tune, export, recommend.
+"""The command line, RecBole style: train and evaluate (default), tune, export, recommend, serve.
 
     recbole-fmrl                                   # the embedded default job: FMRLRec on RecBole's ml-100k
     recbole-fmrl --model SASRec --dataset NAME --config_files a.yaml b.yaml hidden_size=128
     recbole-fmrl tune --space properties/tune/fmrlrec-cpu.yaml --dataset ml-100k   # Ray Tune search
     recbole-fmrl export --checkpoint runs/saved/FMRLRec-....pth --sizes 16 64 --output artifacts
     recbole-fmrl recommend --artifact artifacts/size-64 --history 50 172 --topk 10
+    recbole-fmrl serve --artifact artifacts --port 8000                               # HTTP API
 
 ``python run_recbole_fmrl.py ...`` is the same command. Errors in the input (files, columns, keys:
 an ``InputError``) and of the machine (a missing file, a full disk, a read-only folder: an ``OSError``)
@@ -21,7 +22,7 @@ from recbole_fmrl.environment import set_offline_defaults
 from recbole_fmrl.errors import InputError
 from recbole_fmrl.paths import properties_dir
 
-SUBCOMMANDS = ("train", "tune", "export", "recommend")
+SUBCOMMANDS = ("train", "tune", "export", "recommend", "serve")
 
 
 def parse_overrides(items) -> dict:
@@ -91,6 +92,10 @@ def dispatch(argv, feature_builder=None):
         from recbole_fmrl.deploy.command import recommend_main
 
         return recommend_main(rest)
+    if command == "serve":
+        from recbole_fmrl.serve.command import serve_main
+
+        return serve_main(rest)
     return train_main(rest, feature_builder)
 
 

@@ -1,4 +1,4 @@
-"""The module graph points one way: ground floor <- data <- model <- train <- tune/deploy <- cli.
+"""The module graph points one way: ground floor <- data <- model <- train <- tune/deploy <- serve <- cli.
 
 Every import counts, also the ones inside functions (a lazy import is still an arrow).
 """
@@ -8,7 +8,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = {  # recbole_fmrl sub-package or module -> layer; an import may only go to a lower or equal layer
     "paths": 0, "environment": 0, "atomic_write": 0, "errors": 0,
-    "data": 1, "model": 2, "train": 3, "tune": 4, "deploy": 4, "cli": 5,
+    "data": 1, "model": 2, "train": 3, "tune": 4, "deploy": 4, "serve": 5, "cli": 6,
 }
 # dataset_tools may read and write the plugin's feature format and ask which tables a modality reads (one home
 # for that: a copy of the list in dataset_tools once left the hybrid text_id out), nothing else of it

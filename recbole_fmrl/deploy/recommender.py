@@ -118,24 +118,32 @@ class Recommender:
         encoded = [self.encode(h, skip_unknown) for h in histories]
         ids = [e[0] for e in encoded]
         hidden = self.hidden(ids, context)
-        index = self.ann_index(stages[0].size) if stages[0].ann else None
         top_ids, top_scores = funnels.funnel_topk(hidden, self.net.item_table(), stages, k,
-                                                  self.excluded(ids, exclude_seen), index)
+                                                  self.excluded(ids, exclude_seen), self.index_for(stages))
         return [self.describe(i, s, skipped) for i, s, (_, skipped) in zip(top_ids.tolist(), top_scores.tolist(), encoded)]
 
-    def stages(self, funnel, k):
-        """The funnel's stages (or the one full-size stage) for top-``k``; refuses what cannot return k items."""
+    def stages(self, funnel, k, size=None):
+        """The funnel's stages (or the one stage at ``size``, default this one's) for top-``k``; refuses
+        what cannot return k items. A nested size's stages read the first dims of this size's hidden state."""
         n_items = len(self.item_ids) - 1
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n_items:
             raise InputError(f"topk={k!r}: need an integer from 1 to the artifact's {n_items} items")
-        stages = funnels.parse_funnel(funnel) if funnel else [funnels.Stage(self.size, None)]
-        if any(s.size not in self.net.sizes for s in stages):
-            raise InputError(f"funnel {funnel!r}: stage sizes must be nested sizes {self.net.sizes}")
+        size = self.size if size is None else size
+        if size not in self.net.sizes:
+            raise InputError(f"size {size!r}: not a nested size of {self.folder} (its sizes: {self.net.sizes})")
+        stages = funnels.parse_funnel(funnel) if funnel else [funnels.Stage(size, None)]
+        if max(s.size for s in stages) > size or any(s.size not in self.net.sizes for s in stages):
+            sizes = [m for m in self.net.sizes if m <= size]
+            raise InputError(f"funnel {funnel!r}: stage sizes must be nested sizes {sizes}")
         shortest = min((s.keep for s in stages if s.keep is not None), default=None)
         if shortest is not None and shortest < k:
             raise InputError(f"funnel {funnel!r}: its last shortlist keeps {shortest} items, fewer than topk={k}; "
                              f"keep at least {k} in every stage")
         return stages
+
+    def index_for(self, stages):
+        """The ann index a funnel's first stage needs, or None for an exact funnel."""
+        return self.ann_index(stages[0].size) if funnels.as_stage(stages[0]).ann else None
 
     def ann_index(self, size):
         """The HNSW index over the first ``size`` dims of this artifact's item table (``ann.load_or_build``)."""

@@ -1,0 +1,1 @@
+"""HTTP serving of exported artifacts: ``recbole-fmrl serve --artifact DIR`` (FastAPI on uvicorn, or Ray Serve)."""
