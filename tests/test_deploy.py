@@ -159,7 +159,7 @@ def brute_force_funnel(rec, histories, stages, k, excluded):
     out = []
     for row, history in enumerate(histories):
         candidates = [i for i in range(len(rec.item_ids)) if not excluded[row, i]]
-        for size, keep in stages:
+        for size, keep, _ in stages:
             scores = rec.at_size(size).scores([history])[0]
             candidates = sorted(candidates, key=lambda i: -float(scores[i]))[: keep or k]
         out.append((candidates, [float(scores[i]) for i in candidates]))

@@ -73,7 +73,8 @@ def recommend_parser():
     parser.add_argument("--skip-unknown", action="store_true", help="drop unknown ids (counted as 'skipped')")
     parser.add_argument("--context", choices=("window", "full"), default="window",
                         help="window: the last MAX_ITEM_LIST_LENGTH items (as trained); full: the whole history")
-    parser.add_argument("--funnel", default=None, help="e.g. 32:200,256: shortlist with size 32, rerank with 256")
+    parser.add_argument("--funnel", default=None, help="e.g. 32:200,256: shortlist with size 32, rerank with 256; "
+                        "ann32:1000,256: the shortlist from a cached faiss HNSW index (pip install -e .[serve])")
     return parser
 
 

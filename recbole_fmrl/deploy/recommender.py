@@ -4,7 +4,9 @@
 ``size=``). Histories are lists of raw item ids, oldest first. The network sees the last
 MAX_ITEM_LIST_LENGTH items (``context="window"``, what it was trained and evaluated on) or the whole
 history (``context="full"``, the LRU recurrence). Any nested size up to the artifact's own can
-serve (``size=``), and ``funnel="32:200,256"`` shortlists with a small size and reranks.
+serve (``size=``), and ``funnel="32:200,256"`` shortlists with a small size and reranks;
+``funnel="ann32:1000,256"`` takes the shortlist from a faiss HNSW index over the first 32 dims (``ann.py``:
+built on first use, cached per artifact under the plugin's cache folder, kept in memory after that).
 Loading verifies every file the manifest lists (``model.onnx`` too). ``k`` is at least 1 and at most
 the number of items, and a funnel whose last shortlist is shorter than ``k`` is refused: a result is
 never silently shorter than asked (only excluded items can make it so, e.g. ``exclude_seen`` on a
@@ -12,7 +14,7 @@ history holding most of the catalogue).
 """
 import torch
 
-from recbole_fmrl.deploy import artifact, streaming
+from recbole_fmrl.deploy import ann, artifact, streaming
 from recbole_fmrl.deploy import funnel as funnels
 from recbole_fmrl.errors import InputError
 from recbole_fmrl.model.network import FMRLNet
@@ -34,6 +36,7 @@ class Recommender:
         self.index = {token: i for i, token in enumerate(self.item_ids) if i > 0}  # row 0 is padding
         self.window = int(net.args.max_seq_length)
         self.size = net.args.hidden_size
+        self.ann_params, self.ann_indexes = ann.HnswParams(), {}  # {(size, params): AnnIndex}
 
     @classmethod
     def load(cls, folder, size=None):
@@ -115,7 +118,8 @@ class Recommender:
         encoded = [self.encode(h, skip_unknown) for h in histories]
         ids = [e[0] for e in encoded]
         hidden = self.hidden(ids, context)
-        top_ids, top_scores = funnels.funnel_topk(hidden, self.net.item_table(), stages, k, self.excluded(ids, exclude_seen))
+        top_ids, top_scores = funnels.funnel_topk(hidden, self.net.item_table(), stages, k,
+                                                  self.excluded(ids, exclude_seen), self.index_for(stages))
         return [self.describe(i, s, skipped) for i, s, (_, skipped) in zip(top_ids.tolist(), top_scores.tolist(), encoded)]
 
     def stages(self, funnel, k, size=None):
@@ -127,15 +131,27 @@ class Recommender:
         size = self.size if size is None else size
         if size not in self.net.sizes:
             raise InputError(f"size {size!r}: not a nested size of {self.folder} (its sizes: {self.net.sizes})")
-        stages = funnels.parse_funnel(funnel) if funnel else [(size, None)]
-        if max(s for s, _ in stages) > size or any(s not in self.net.sizes for s, _ in stages):
+        stages = funnels.parse_funnel(funnel) if funnel else [funnels.Stage(size, None)]
+        if max(s.size for s in stages) > size or any(s.size not in self.net.sizes for s in stages):
             sizes = [m for m in self.net.sizes if m <= size]
             raise InputError(f"funnel {funnel!r}: stage sizes must be nested sizes {sizes}")
-        shortest = min((keep for _, keep in stages if keep is not None), default=None)
+        shortest = min((s.keep for s in stages if s.keep is not None), default=None)
         if shortest is not None and shortest < k:
             raise InputError(f"funnel {funnel!r}: its last shortlist keeps {shortest} items, fewer than topk={k}; "
                              f"keep at least {k} in every stage")
         return stages
+
+    def index_for(self, stages):
+        """The ann index a funnel's first stage needs, or None for an exact funnel."""
+        return self.ann_index(stages[0].size) if funnels.as_stage(stages[0]).ann else None
+
+    def ann_index(self, size):
+        """The HNSW index over the first ``size`` dims of this artifact's item table (``ann.load_or_build``)."""
+        key = (size, self.ann_params)
+        if key not in self.ann_indexes:
+            sha = self.manifest["files"][artifact.WEIGHTS]["sha256"]
+            self.ann_indexes[key] = ann.load_or_build(self.net.item_table().detach(), size, sha, self.ann_params)
+        return self.ann_indexes[key]
 
     def describe(self, ids, scores, skipped=0):
         keep = [(i, s) for i, s in zip(ids, scores) if s != float("-inf")]

@@ -143,7 +143,7 @@ class Engine:
             if queries[qi].exclude_seen:
                 excluded[i, plans[qi][1][r]] = True
         k = max(queries[qi].k for qi in members)
-        ids, scores = funnels.funnel_topk(states, rec.net.item_table(), stages, k, excluded)
+        ids, scores = funnels.funnel_topk(states, rec.net.item_table(), stages, k, excluded, rec.index_for(stages))
         results = {}
         for i, (qi, r) in enumerate(rows):
             kq = queries[qi].k
@@ -172,7 +172,8 @@ class Engine:
         excluded[0, 0] = True
         if exclude_seen:
             excluded[0, session.history] = True
-        top_ids, top_scores = funnels.funnel_topk(session.state.hidden, rec.net.item_table(), stages, k, excluded)
+        top_ids, top_scores = funnels.funnel_topk(session.state.hidden, rec.net.item_table(), stages, k, excluded,
+                                                  rec.index_for(stages))
         result = rec.describe(top_ids[0].tolist(), top_scores[0].tolist(), skipped)
         return {"session": sid, "events": len(session.history), "context": session.context, **result}
 
