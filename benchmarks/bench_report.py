@@ -218,7 +218,9 @@ def row_summary(tag, row, spec, entry, paper, not_run_reason, unavailable=None, 
 def score_name(spec):
     """What a row's validation score is: the largest size's NDCG@10, or a mean over sizes (fmrl_select_on)."""
     rule = {**(spec.get("config") or {}), **(spec.get("override") or {})}.get("fmrl_select_on", "largest")
-    return "validation NDCG@10" if rule == "largest" else f"validation score ({rule} of every size's NDCG@10)"
+    if rule in ("largest", "per_size"):  # per_size: each size its own epoch; the run's score stays the largest's
+        return "validation NDCG@10"
+    return f"validation score ({rule} of every size's NDCG@10)"
 
 
 def unfinished_text(progress, score="validation NDCG@10", stopped=None):

@@ -135,7 +135,7 @@ def quality(rec, histories, targets, context="window", funnel=None, batch=512):
     for start in range(0, len(histories), batch):
         chunk = histories[start : start + batch]
         hidden = rec.hidden(chunk, context)
-        ids, _ = funnel_topk(hidden, rec.net.item_table, stages, 10, rec.excluded(chunk, exclude_seen=False))
+        ids, _ = funnel_topk(hidden, rec.net.item_table(), stages, 10, rec.excluded(chunk, exclude_seen=False))
         tops.append(ids)
     return rank_metrics(torch.cat(tops), targets)
 
@@ -163,7 +163,7 @@ def synthetic_batch(rec, batch, length, seed=0):
 @torch.no_grad()
 def latency(rec, reps, window):
     """Batch-1 network / scoring / end-to-end p50-p99 (ms) and batch-256 throughput (users/s)."""
-    net, table = rec.net, rec.net.item_table
+    net, table = rec.net, rec.net.item_table()
     items, lengths = synthetic_batch(rec, 1, window)
     hidden = net(items, lengths)
     out = {}
@@ -190,7 +190,7 @@ def streaming_cost(rec, reps, window):
     step = timed(lambda: streaming.step(rec.net, state, nxt, rec.window), reps)
     rerun = timed(lambda: rec.net(items, lengths), reps)
     big, big_lengths = synthetic_batch(rec, 256, window, seed=2)  # 256 users, one new event each
-    states = rec.net.item_table.new_zeros(len(rec.net.blocks), 256, rec.net.state_size())
+    states = rec.net.item_table().new_zeros(len(rec.net.blocks), 256, rec.net.state_size())
     step_256 = timed(lambda: rec.net.step(states, big[:, 0]), max(10, reps // 10))
     rerun_256 = timed(lambda: rec.net(big, big_lengths), max(5, reps // 60), warmup=2)
     return {"step_ms": (step[0] * 1e3, step[1] * 1e3), "rerun_ms": (rerun[0] * 1e3, rerun[1] * 1e3),
@@ -250,7 +250,7 @@ def funnel_rows(rec, histories, targets, specs, reps):
     for spec in [None] + specs:
         stages = parse_funnel(spec) if spec else [(rec.size, None)]
         ndcg, recall = quality(rec, histories, targets, funnel=spec)
-        p50, p99, _ = timed(lambda stages=stages: funnel_topk(hidden, rec.net.item_table, stages, 10, excluded), reps)
+        p50, p99, _ = timed(lambda stages=stages: funnel_topk(hidden, rec.net.item_table(), stages, 10, excluded), reps)
         cost = funnel_cost(stages, n)
         rows.append({"funnel": spec or f"{rec.size} (all items)", "ndcg@10": ndcg, "recall@10": recall,
                      "macs": cost, "cost_ratio": cost / full, "p50_ms": p50 * 1e3, "p99_ms": p99 * 1e3})
@@ -448,6 +448,7 @@ def plot_pareto(result, stem, plt):
 # -- per size --------------------------------------------------------------------------------------
 def measure_size(size, folder, rec, split, state, args):
     window, fulls, targets = split
+    length = min(args.window, rec.window)  # timed histories: never longer than the model's window
     margs = state["export"]["model_args"]
     row = {"size": size, "params_nested": rec.manifest["parameters"],
            "params_independent": dense_parameters(margs, size, feature_dim(state)),
@@ -457,13 +458,13 @@ def measure_size(size, folder, rec, split, state, args):
     row["ndcg@10"], row["recall@10"] = quality(rec, window, targets, "window")
     row["full_ndcg@10"], row["full_recall@10"] = quality(rec, fulls, targets, "full")
     log(f"size {size}: test NDCG@10 {row['ndcg@10']:.4f} (full history {row['full_ndcg@10']:.4f})")
-    row["latency"] = latency(rec, args.reps, args.window)
-    row["streaming"] = streaming_cost(rec, 3 * args.reps, args.window)
-    row["onnx"] = onnx_latency(folder, rec, args.reps, args.window)
+    row["latency"] = latency(rec, args.reps, length)
+    row["streaming"] = streaming_cost(rec, 3 * args.reps, length)
+    row["onnx"] = onnx_latency(folder, rec, args.reps, length)
     lat, st = row["latency"], row["streaming"]
     log(f"size {size}: batch-1 network p50 {lat['network'][0]:.3f} ms, scoring {lat['scoring'][0]:.3f} ms, "
         f"{lat['throughput_256']:.0f} users/s at batch 256; step {st['step_ms'][0]:.3f} ms "
-        f"({st['speedup']:.1f}x faster than re-running {args.window} items)")
+        f"({st['speedup']:.1f}x faster than re-running {length} items)")
     return row
 
 
@@ -497,7 +498,7 @@ def main(argv=None):
               "test_users": len(window), "n_items": len(largest.item_ids) - 1, "mismatched_rows": mismatched, "export_seconds": export_seconds,
               "sizes": rows, "funnels": funnels, "machine": describe_machine("cpu"), "torch": torch.__version__,
               "python": platform.python_version(), "command": command_line(argv),
-              "window": args.window, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "window": min(args.window, largest.window), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "load_average": [load_at_start, os.getloadavg()[0]], "note": args.note}
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -81,7 +81,7 @@ def refused(case, capsys, argv, written=False):
     ("seed", "1.5", "need an integer"),
     ("show_progress", "maybe", "need True or False"),
     ("fmrl_modality", "txt", "need one of auto, text_image"),
-    ("fmrl_select_on", "median", "need one of largest, mean, geomean"),
+    ("fmrl_select_on", "median", "need one of largest, mean, geomean, per_size"),
     ("fmrl_train_negatives", "-1", "need an integer >= 0"),
     ("fmrl_train_negatives", "2.5", "need an integer >= 0"),
     ("fmrl_distill_weight", "-0.5", "need a number >= 0"),

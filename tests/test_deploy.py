@@ -10,6 +10,7 @@ from recbole_fmrl.deploy.command import export_main, recommend_main
 from recbole_fmrl.deploy.funnel import funnel_cost, funnel_topk, parse_funnel
 from recbole_fmrl.deploy.recommender import Recommender, UnknownItemError
 from recbole_fmrl.deploy.streaming import run_recurrent
+from recbole_fmrl.errors import InputError
 from recbole_fmrl.train import checkpoint
 from recbole_fmrl.train.driver import prepare
 from tests.conftest import write_tiny_dataset
@@ -298,6 +299,9 @@ def test_onnx_export_runs_under_onnxruntime_with_torchs_scores(exported, tmp_pat
         assert abs(scorer(items, lengths) - rec.scores(histories).numpy()).max() <= 1e-4
         short = scorer(items[:1, :3], torch.tensor([3]))  # another batch size and length
         assert abs(short - rec.scores([histories[0][:3]]).numpy()).max() <= 1e-4
+        assert scorer.max_length == WINDOW
+        with pytest.raises(InputError, match=f"22 steps, but this ONNX graph covers at most {WINDOW}"):
+            scorer(torch.ones(1, WINDOW + 2, dtype=torch.long), torch.tensor([WINDOW + 2]))  # not a MatMul error
 
 
 def test_command_line_error_is_one_line_with_a_failing_status(exported, tmp_path):

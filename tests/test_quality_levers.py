@@ -296,7 +296,7 @@ def test_select_on_every_size_drives_early_stopping_and_the_best_checkpoint(tiny
 
 
 def test_select_on_names_the_key_for_an_unknown_rule(tiny_config):
-    with pytest.raises(InputError, match=r"^fmrl_select_on='median' \(given as key=value\): need one of largest, mean, geomean$"):
+    with pytest.raises(InputError, match=r"^fmrl_select_on='median' \(given as key=value\): need one of largest, mean, geomean, per_size$"):
         build(tiny_config, "FMRLRec", fmrl_select_on="median")
 
 

@@ -4,8 +4,10 @@ Reads only the checkpoint (``torch.load(weights_only=True)``, its payload sha256
 feature-based models, the frozen feature files it names (refused when their sha256 changed since
 training): no RecBole Dataset, no Config. The checkpoint's network (``model/network.py``) is rebuilt,
 truncated to each size m and frozen: the artifact keeps the first-m slices of every nested weight
-(stored pre-masked), the projected size-m item table, the raw item ids and titles.
+(stored pre-masked), the projected size-m item table, the raw item ids and titles. A checkpoint of
+per-size selection (``fmrl_select_on: per_size``) gives size m the weights of its own best epoch.
 """
+import copy
 import json
 import subprocess
 from pathlib import Path
@@ -18,6 +20,7 @@ from recbole_fmrl.deploy import artifact
 from recbole_fmrl.model.fusion import item_encoder
 from recbole_fmrl.model.network import FMRLNet, ModelArgs, network_state_dict
 from recbole_fmrl.train import checkpoint
+from recbole_fmrl.train.size_best import slices_of
 
 
 def resolve_checkpoint(path):
@@ -103,9 +106,13 @@ def export_sizes(checkpoint_path, sizes, output_dir, *, feature_dir=None, metric
     net = checkpoint_network(state, feature_dir)
     source = {"path": str(Path(checkpoint_path).resolve()), "sha256": artifact.sha256_file(checkpoint_path),
               "epoch": state.get("epoch")}
-    written = {}
+    written, slices = {}, slices_of(state)
     for size in sorted(set(int(m) for m in sizes)):
-        written[size] = write_size(state, net, size, Path(output_dir) / f"size-{size}", source, metrics, onnx, force)
+        size_net, size_source = net, source
+        if size in slices and slices[size][0] != state.get("epoch"):  # per-size selection: its own best epoch
+            size_net, size_source = copy.deepcopy(net).paste_slice(slices[size][1]), {**source, "epoch": slices[size][0]}
+        written[size] = write_size(state, size_net, size, Path(output_dir) / f"size-{size}", size_source, metrics, onnx,
+                                   force)
         if log:
             log(f"exported size {size} -> {written[size]}")
     return written

@@ -18,6 +18,7 @@ from recbole_fmrl.errors import InputError
 from recbole_fmrl.model.network import FMRLNet
 
 OPSET = 17
+MAX_LENGTH_KEY = "max_item_list_length"  # model metadata: the longest input the graph's kernels cover
 
 
 class _Scores(nn.Module):
@@ -35,7 +36,7 @@ def onnx_bytes(net):
     The graph holds the causal kernels for MAX_ITEM_LIST_LENGTH steps: inputs may be at most that long.
     """
     try:
-        import onnx  # noqa: F401 - torch.onnx.export needs it
+        import onnx  # torch.onnx.export needs it too
     except ImportError as err:
         raise InputError("--onnx needs the onnx package: pip install 'recbole_fmrl[deploy]'") from err
     model = _Scores(net.float().eval())
@@ -46,7 +47,9 @@ def onnx_bytes(net):
         torch.onnx.export(model, example, buffer, input_names=["items", "lengths"], output_names=["scores"],
                           dynamic_axes={"items": {0: "batch", 1: "length"}, "lengths": {0: "batch"},
                                         "scores": {0: "batch"}}, opset_version=OPSET, dynamo=False)
-    return buffer.getvalue()
+    graph = onnx.load_from_string(buffer.getvalue())
+    onnx.helper.set_model_props(graph, {MAX_LENGTH_KEY: str(net.args.max_seq_length)})  # read by OnnxScorer
+    return graph.SerializeToString()
 
 
 def write_onnx(args, weights, path):
@@ -65,10 +68,15 @@ class OnnxScorer:
         options.intra_op_num_threads = options.inter_op_num_threads = threads
         source = str(model) if isinstance(model, (str, Path)) else model
         self.session = onnxruntime.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+        meta = self.session.get_modelmeta().custom_metadata_map
+        self.max_length = int(meta[MAX_LENGTH_KEY]) if MAX_LENGTH_KEY in meta else None  # None: an older export
 
     def __call__(self, items, lengths):
         """items [B L], lengths [B] (numpy or torch, int64) -> scores [B N+1] (numpy float32)."""
         feed = {"items": _numpy(items), "lengths": _numpy(lengths)}
+        if self.max_length is not None and feed["items"].shape[1] > self.max_length:
+            raise InputError(f"items: {feed['items'].shape[1]} steps, but this ONNX graph covers at most "
+                             f"{self.max_length} (the model's MAX_ITEM_LIST_LENGTH); pass the last {self.max_length} items")
         return self.session.run(["scores"], feed)[0]
 
 

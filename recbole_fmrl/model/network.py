@@ -32,6 +32,11 @@ from recbole_fmrl.model.nested import NestedLayerNorm, NestedLinear, check_sizes
 PREFIX = "network."  # where FMRLRec (the RecBole model) keeps this network in its state_dict
 
 
+def corner(shape):
+    """Index of a tensor's leading corner of ``shape``: where a nested size's weights live."""
+    return tuple(slice(0, n) for n in shape)
+
+
 @dataclass
 class ModelArgs:
     """Everything that shapes the network. A checkpoint's ``export`` and an artifact's ``model.pt`` carry it."""
@@ -251,8 +256,30 @@ class FMRLNet(nn.Module):
             return self
         small = self._like(self.args.at_size(size), lambda: self.item_encoder.resized(size))
         target = small.state_dict()
-        small.load_state_dict({k: v[tuple(slice(0, n) for n in target[k].shape)] for k, v in self.state_dict().items()})
+        small.load_state_dict({k: v[corner(target[k].shape)] for k, v in self.state_dict().items()})
         return small
+
+    def size_slice(self, size):
+        """The size-``size`` network's trainable weights, copied to the CPU: the first-``size`` corner of
+        every parameter (what ``truncate`` keeps). Per-size selection keeps one per size (train/size_best.py)."""
+        shapes = self._corner_shapes(size)
+        return {k: p.detach()[corner(shapes[k])].to("cpu", copy=True) for k, p in self.named_parameters()}
+
+    def paste_slice(self, weights):
+        """Overwrite, in place, the corner of each parameter that ``weights`` (a ``size_slice``) covers: the
+        size-m network (and every smaller one) becomes the slice's; the dims above m keep theirs."""
+        params = dict(self.named_parameters())
+        with torch.no_grad():
+            for name, value in weights.items():
+                params[name][corner(value.shape)].copy_(value)
+        return self
+
+    def _corner_shapes(self, size):
+        cache = self.__dict__.setdefault("_corner_shape_cache", {})
+        if size not in cache:
+            with torch.no_grad():
+                cache[size] = {k: tuple(p.shape) for k, p in self.truncate(size).named_parameters()}
+        return cache[size]
 
     def frozen(self):
         """This network with its item table computed once and held fixed (``ItemTable``), as exported."""

@@ -24,9 +24,11 @@ from recbole_fmrl.errors import InputError
 
 
 def plain(value):
-    """Recursively reduce a config value to types weights-only unpickling accepts."""
+    """Recursively reduce a config value to types weights-only unpickling accepts (tensors stay tensors)."""
     if value is None:
         return None
+    if isinstance(value, torch.Tensor) and value.ndim:
+        return value
     for kind in (bool, int, str):  # numpy subclasses (np.str_, ...) -> the builtin
         if isinstance(value, kind):
             return kind(value)

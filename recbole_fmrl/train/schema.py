@@ -35,7 +35,7 @@ from recbole_fmrl.errors import InputError
 from recbole_fmrl.model.nested import default_sizes
 from recbole_fmrl.paths import properties_dir
 
-SELECTION_RULES = ("largest", "mean", "geomean")  # fmrl_select_on (train/trainer.py select_score)
+SELECTION_RULES = ("largest", "mean", "geomean", "per_size")  # fmrl_select_on (train/trainer.py select_score, size_best.py)
 SCANS = ("dense", "doubling")  # fmrl_scan (model/lru.py SCANS; "sequential" is the tests' reference)
 FMLP_FILTERS = ("global", "causal")  # fmlp_filter (model/fmlprec.py FILTERS)
 LEARNERS = ("adam", "adamw", "sgd", "adagrad", "rmsprop", "sparse_adam")  # RecBole's _build_optimizer

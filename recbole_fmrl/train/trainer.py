@@ -7,6 +7,8 @@
   pass per batch; ``evaluate`` returns the largest size's metrics (early stopping uses them) and
   keeps all sizes in ``self.size_results``; ``fmrl_select_on`` mean / geomean make early stopping and
   the best checkpoint follow every size's validation metric instead.
+- ``fmrl_select_on: per_size``: every size keeps its own best epoch and training goes on while any
+  size improves (``size_best.py``); test evaluation takes each size from its own epoch.
 - Checkpoints reload under torch >= 2.6 (see ``checkpoint.py``).
 - AdamW decays only weight matrices, not biases, norms or the LRU's log-parameters.
 - ``fmrl_lr_warmup_steps`` / ``fmrl_lr_decay_epochs``: warm-up and cosine decay (``schedule.py``).
@@ -33,6 +35,7 @@ from recbole_fmrl.train import checkpoint, distributed
 from recbole_fmrl.train.outputs import checkpoint_file, tensorboard_under
 from recbole_fmrl.train.schedule import attach_schedule, schedule_ended
 from recbole_fmrl.train.schema import RESUME_KEYS
+from recbole_fmrl.train.size_best import ENTRY, SizeBests, pasted, slices_of
 
 NO_DECAY_MARKERS = ("bias", "ln1.", "ln2.", "norm", "params_log")
 
@@ -104,6 +107,15 @@ class FMRLTrainer(Trainer):
         self.schedule_settings = (config["fmrl_lr_warmup_steps"], config["fmrl_lr_decay_epochs"])
         # Per-epoch validation of every size costs K top-k sorts; early stopping on the largest reads one.
         self.valid_every_size = self.select_on != "largest" or bool(config["fmrl_valid_every_size"])
+        self.size_bests = self._size_bests(config, model) if self.select_on == "per_size" else None
+        self.best_slices, self.loaded_epoch = {}, None  # per-size slices of the weights load_weights read
+
+    def _size_bests(self, config, model):
+        if not hasattr(model, "network") or not hasattr(model.network, "size_slice"):
+            raise InputError(f"fmrl_select_on=per_size: {config['model']} has no nested sizes (FMRLRec has)")
+        if distributed.active(config):
+            raise InputError("fmrl_select_on=per_size: not supported in multi-process training yet; use largest")
+        return SizeBests(model.sizes, self.stopping_step, self.valid_metric_bigger)
 
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None,
             on_evaluation=None):
@@ -139,6 +151,9 @@ class FMRLTrainer(Trainer):
                 if verbose:
                     why = "the learning rate schedule reached 0" if lr_zero else "early stopping"
                     self.logger.info(f"Finished training ({why}), best eval result in epoch {self.best_epoch}")
+                    if self.size_bests is not None:
+                        epochs = ", ".join(f"{m}: {e}" for m, e in self.size_bests.epochs().items())
+                        self.logger.info(f"Each size's best epoch (fmrl_select_on=per_size): {epochs}")
                 break
         self._add_hparam_to_tensorboard(self.best_valid_score)
         return self.best_valid_score, self.best_valid_result
@@ -150,6 +165,7 @@ class FMRLTrainer(Trainer):
             self.schedule_attached = True
 
     def _train_one_epoch(self, train_data, epoch, verbose, show_progress):
+        self.best_slices = {}  # the weights move on: loaded slices no longer belong to them
         start, cpu = time.perf_counter(), time.process_time()
         loss = self._train_epoch(train_data, epoch, show_progress=show_progress)
         self.train_loss_dict[epoch] = sum(loss) if isinstance(loss, tuple) else loss
@@ -167,6 +183,12 @@ class FMRLTrainer(Trainer):
         self.best_valid_score, self.cur_step, stop, improved = early_stopping(
             score, self.best_valid_score, self.cur_step, max_step=self.stopping_step, bigger=self.valid_metric_bigger)
         epoch = record["epoch"]
+        improved_sizes = []
+        if self.size_bests is not None and self.size_results:
+            scores = {m: r[self.valid_metric] for m, r in self.size_results.items()}
+            improved_sizes = self.size_bests.update(epoch, scores, self.model.network)
+            stop = self.size_bests.exhausted()
+            record["size_best_epochs"] = self.size_bests.epochs()
         record.update(valid_seconds=time.perf_counter() - start, valid_cpu_seconds=time.process_time() - cpu,
                       valid_score=float(score), valid_result=dict(result), size_results=self.size_results,
                       improved=bool(improved))
@@ -179,13 +201,15 @@ class FMRLTrainer(Trainer):
             self.best_epoch, self.best_valid_result = epoch, result
             if saved:
                 self._save_checkpoint(epoch, verbose=verbose)
+        elif improved_sizes and saved and distributed.is_main():  # a smaller size's new best rides on the best file
+            checkpoint.attach(self.saved_model_file, **{ENTRY: self.size_bests.state()})
         record.update(best_valid_score=float(self.best_valid_score), best_epoch=self.best_epoch)
         return stop
 
     def _valid_epoch(self, valid_data, show_progress=False):
         if self.valid_every_size:
             score, result = super()._valid_epoch(valid_data, show_progress)
-            if self.size_results and self.select_on != "largest":
+            if self.size_results and self.select_on in ("mean", "geomean"):
                 score = select_score([r[self.valid_metric] for r in self.size_results.values()], self.select_on)
             return score, result
         self.size_results = None
@@ -213,7 +237,7 @@ class FMRLTrainer(Trainer):
                         cur_step=self.cur_step, best_valid_score=self.best_valid_score,
                         optimizer=self.optimizer.state_dict(), other_parameter=self.model.other_parameter(),
                         export=self.model.export_info() if hasattr(self.model, "export_info") else None,
-                        dataset_sha256=self.dataset_sha256)
+                        dataset_sha256=self.dataset_sha256, **self._size_best_entry())
         if verbose:
             self.logger.info(set_color("Saving current", "blue") + f": {path}")
 
@@ -230,12 +254,16 @@ class FMRLTrainer(Trainer):
             "train_loss": [[int(e), float(v)] for e, v in self.train_loss_dict.items()],
             "best_file": os.path.basename(self.saved_model_file), "rng": checkpoint.rng_state(train_data),
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            **self._size_best_entry(),
         }
         checkpoint.save(path, config=self.config, state_dict=self.model.state_dict(), epoch=epoch,
                         cur_step=self.cur_step, best_valid_score=self.best_valid_score,
                         optimizer=self.optimizer.state_dict(), other_parameter=self.model.other_parameter(),
                         export=None, resume=resume, dataset_sha256=self.dataset_sha256)
         return path
+
+    def _size_best_entry(self):
+        return {ENTRY: self.size_bests.state()} if self.size_bests is not None else {}
 
     def resume_checkpoint(self, resume_file, train_data=None):
         """Continue from a checkpoint: a last one (``save_last_checkpoint``) restores everything, the
@@ -261,6 +289,8 @@ class FMRLTrainer(Trainer):
         if self.scheduler is not None and resume.get("scheduler") is not None:
             self.scheduler.load_state_dict(resume["scheduler"])
         checkpoint.set_rng_state(resume["rng"], train_data)
+        if self.size_bests is not None and resume.get(ENTRY):
+            self.size_bests.load_state(resume[ENTRY])
         if resume["finished"] in ("early_stopped", "lr_zero"):  # nothing left to train: evaluate the best checkpoint
             self.start_epoch = self.epochs
 
@@ -269,6 +299,7 @@ class FMRLTrainer(Trainer):
         state = checkpoint.load(path, self.device) if distributed.is_main() else {}  # rank 0 reads, broadcasts
         if state:
             self.model.load_state_dict(state["state_dict"])
+        self.best_slices, self.loaded_epoch = slices_of(state), state.get("epoch")
         self.model.load_other_parameter(distributed.broadcast_weights(self.model, state.get("other_parameter")))
         self.logger.info(f"Loading model structure and parameters from {path}")
 
@@ -304,6 +335,28 @@ class FMRLTrainer(Trainer):
         self.model.eval()
         sizes = self.model.sizes
         collectors = [self._size_collector() for _ in sizes]
+        for weights, members in self._weight_groups(sizes):
+            with pasted(self.model.network, weights):
+                self._collect(eval_data, [collectors[i] for i in members], members, show_progress)
+        distributed.merge_collected(collectors, self.config)  # every rank: all users, in batch order
+        self.size_results = OrderedDict()
+        for size, collector in zip(sizes, collectors):
+            collector.model_collect(self.model)
+            self.size_results[size] = self.evaluator.evaluate(collector.get_data_struct())
+        result = self.size_results[sizes[-1]]
+        self.wandblogger.log_eval_metrics(result, head="eval")
+        return result
+
+    def _weight_groups(self, sizes):
+        """[(slice or None, size indices)]: the sizes the loaded weights serve, then each size whose own
+        best epoch (per-size selection) differs, with its slice."""
+        own = [(i, self.best_slices[m]) for i, m in enumerate(sizes) if m in self.best_slices
+               and self.best_slices[m][0] != self.loaded_epoch]
+        shared = [i for i in range(len(sizes)) if i not in {j for j, _ in own}]
+        return ([(None, shared)] if shared else []) + [(weights, [i]) for i, (_, weights) in own]
+
+    def _collect(self, eval_data, collectors, members, show_progress):
+        """One pass over ``eval_data``: every size's scores, collected for the sizes ``members``."""
         batches = distributed.eval_batches(eval_data, self.config)  # this process's share of the batches
         batches = tqdm(batches, total=len(eval_data), ncols=100, desc=set_color("Evaluate   ", "pink")) \
             if show_progress else batches
@@ -315,13 +368,5 @@ class FMRLTrainer(Trainer):
                 scores[:, history_index[0], history_index[1]] = -torch.inf
             if self.mask_history:
                 mask_history(scores, interaction[self.model.ITEM_SEQ])
-            for collector, size_scores in zip(collectors, scores):
-                collector.eval_batch_collect(size_scores, interaction, positive_u, positive_i)
-        distributed.merge_collected(collectors, self.config)  # every rank: all users, in batch order
-        self.size_results = OrderedDict()
-        for size, collector in zip(sizes, collectors):
-            collector.model_collect(self.model)
-            self.size_results[size] = self.evaluator.evaluate(collector.get_data_struct())
-        result = self.size_results[sizes[-1]]
-        self.wandblogger.log_eval_metrics(result, head="eval")
-        return result
+            for collector, i in zip(collectors, members):
+                collector.eval_batch_collect(scores[i], interaction, positive_u, positive_i)
